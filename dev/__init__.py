@@ -1,0 +1,1 @@
+"""Developer tooling: the local Kubernetes control plane and the demo."""

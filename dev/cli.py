@@ -1,0 +1,149 @@
+"""``autoglm-dev``: the local control plane and the demo.
+
+autoglm-dev cluster build            build the pinned binaries into the cache
+autoglm-dev cluster up [--nodes N]   start it (idempotent) and print KUBECONFIG
+autoglm-dev cluster status           one line per component; exit 1 if any is down
+autoglm-dev cluster down             stop every process it started
+autoglm-dev kubectl ARGS...          kubectl against the local cluster
+autoglm-dev demo                     cluster + operator + server + one request
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .binaries import ALL_BINARIES, bin_dir, build_binaries, ensure_binaries, find_binary
+from .cluster import ClusterError, LocalCluster, default_workdir
+
+
+def _cluster(args: argparse.Namespace) -> LocalCluster:
+    workdir = Path(args.workdir) if args.workdir else default_workdir(args.name)
+    return LocalCluster(
+        workdir, nodes=getattr(args, "nodes", 4), gpus_per_node=getattr(args, "gpus", 8)
+    )
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    start = time.monotonic()
+    missing = tuple(n for n in ALL_BINARIES if find_binary(n) is None)
+    if missing:
+        print(f"building {', '.join(missing)} into {bin_dir()} ...", flush=True)
+        timings = build_binaries(missing)
+        for step, secs in timings.items():
+            print(f"  {step}: {secs:.0f}s")
+    for name in ALL_BINARIES:
+        found = find_binary(name)
+        print(f"{name:26s} {found.path if found else 'MISSING'} ({found.source if found else '-'})")
+    print(f"done in {time.monotonic() - start:.1f}s")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    start = time.monotonic()
+    ensure_binaries()
+    built = time.monotonic()
+    try:
+        state = cluster.start()
+    except ClusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    now = time.monotonic()
+    print(f"control plane up: {state.server} ({args.nodes} GPU nodes)")
+    print(f"binaries ready in {built - start:.1f}s, cluster started in {now - built:.1f}s")
+    print(f"export KUBECONFIG={state.kubeconfig}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    had = cluster.load_state() is not None
+    cluster.stop()
+    print("control plane stopped" if had else "no control plane was running")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    statuses = cluster.status()
+    if not statuses:
+        print("not running")
+        return 1
+    state = cluster.load_state()
+    if state is not None:
+        print(f"server {state.server}, KUBECONFIG={state.kubeconfig}")
+    ok = True
+    for s in statuses:
+        print(f"{s.name:26s} pid {s.pid:<8d} {'running' if s.alive else 'DEAD'}")
+        if not s.alive:
+            ok = False
+            print("  last lines of its log:\n    " + s.log_tail.replace("\n", "\n    "))
+    return 0 if ok else 1
+
+
+def cmd_kubectl(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    kubectl = ensure_binaries(("kubectl",))["kubectl"]
+    return subprocess.call([str(kubectl), "--kubeconfig", str(cluster.kubeconfig), *args.rest])
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    rc: int = run_demo(_cluster(args), keep=args.keep)
+    return rc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoglm-dev",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--name",
+        default=os.environ.get("AUTOGLM_CLUSTER_NAME", "default"),
+        help="cluster name (work directory under the cache)",
+    )
+    parser.add_argument("--workdir", default=None, help="work directory (overrides --name)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cluster = sub.add_parser("cluster", help="the local control plane")
+    csub = cluster.add_subparsers(dest="action", required=True)
+    csub.add_parser("build", help="build the pinned binaries").set_defaults(func=cmd_build)
+    up = csub.add_parser("up", help="start the control plane and GPU nodes")
+    up.add_argument("--nodes", type=int, default=4, help="kwok GPU nodes to create")
+    up.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu per node")
+    up.set_defaults(func=cmd_up)
+    csub.add_parser("down", help="stop it").set_defaults(func=cmd_down)
+    csub.add_parser("status", help="component health").set_defaults(func=cmd_status)
+
+    kubectl = sub.add_parser("kubectl", help="kubectl against the local cluster")
+    kubectl.add_argument("rest", nargs=argparse.REMAINDER)
+    kubectl.set_defaults(func=cmd_kubectl)
+
+    demo = sub.add_parser("demo", help="cluster, operator, server on a tiny model, one request")
+    demo.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
