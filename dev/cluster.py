@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 # Order of start; stop goes in reverse.
+KWOK_STAGES = Path(__file__).resolve().parent / "kwok-stages.yaml"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
 
@@ -535,6 +536,7 @@ class LocalCluster:
     def _kwok_args(self) -> list[str]:
         return [
             f"--kubeconfig={self.kubeconfig}",
+            f"--config={KWOK_STAGES}",
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
             "--cidr=10.0.0.1/24",
