@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .binaries import ALL_BINARIES, bin_dir, build_binaries, ensure_binaries, find_binary
 from .cluster import ClusterError, LocalCluster, default_workdir
+from .waiting import WaitTimeout
 
 
 def _cluster(args: argparse.Namespace) -> LocalCluster:
@@ -96,7 +97,11 @@ def cmd_kubectl(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    rc: int = run_demo(_cluster(args), keep=args.keep)
+    try:
+        rc: int = run_demo(_cluster(args), keep=args.keep)
+    except (ClusterError, WaitTimeout, RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
+        return 1
     return rc
 
 
