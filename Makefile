@@ -1,7 +1,7 @@
 # The two commands a new user needs:
 #   make demo   set everything up, start the local cluster, operator and server, serve a request
 #   make test   set everything up and run every test (unit and integration)
-.PHONY: setup demo test unit integration lint fmt down
+.PHONY: setup demo test unit integration lint fmt down sync-crds
 
 VENV ?= .venv
 # Never put the working directory on sys.path: ./operator would shadow the
@@ -35,3 +35,8 @@ fmt:
 
 down:
 	$(VENV)/bin/autoglm-dev cluster down
+
+# The chart carries a copy of the CRD (Helm can't read outside the chart);
+# tests/integration/test_chart.py fails when it is stale.
+sync-crds:
+	cp crds/serving.autoglm.io_autoglmdeployments.yaml charts/autoglm/files/crds/
