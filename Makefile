@@ -1,7 +1,7 @@
 # The two commands a new user needs:
 #   make demo   set everything up, start the local cluster, operator and server, serve a request
 #   make test   set everything up and run every test (unit and integration)
-.PHONY: setup demo test unit integration lint fmt down sync-crds
+.PHONY: setup demo test unit integration lint fmt down manifests
 
 VENV ?= .venv
 # Never put the working directory on sys.path: ./operator would shadow the
@@ -36,7 +36,7 @@ fmt:
 down:
 	$(VENV)/bin/autoglm-dev cluster down
 
-# The chart carries a copy of the CRD (Helm can't read outside the chart);
-# tests/integration/test_chart.py fails when it is stale.
-sync-crds:
-	cp crds/serving.autoglm.io_autoglmdeployments.yaml charts/autoglm/files/crds/
+# Derived files: the chart's CRD copy and manifests/base/install.yaml;
+# tests fail when they are stale.
+manifests:
+	./hack/render-manifests.sh
