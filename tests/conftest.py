@@ -17,10 +17,14 @@ import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from autoglm_dev.cluster import ExistingCluster, LocalCluster
+if TYPE_CHECKING:
+    # Imported lazily below: the GPU machine runs tests/gpu without the
+    # control-plane tooling's dependencies (cryptography).
+    from autoglm_dev.cluster import ExistingCluster, LocalCluster
 
 GPU_NODES = 4
 GPUS_PER_NODE = 8
@@ -28,6 +32,8 @@ GPUS_PER_NODE = 8
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster | ExistingCluster]:
+    from autoglm_dev.cluster import ExistingCluster, LocalCluster
+
     if os.environ.get("AUTOGLM_USE_EXISTING_CLUSTER", "").lower() == "true":
         kubeconfig = os.environ.get("KUBECONFIG", str(Path.home() / ".kube" / "config"))
         yield ExistingCluster(Path(kubeconfig))

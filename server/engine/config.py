@@ -1,0 +1,70 @@
+"""Engine configuration: the batching policy and what to load.
+
+Field names are the ``autoglm-server`` flag names with underscores
+(``--max-batch-size`` is ``max_batch_size``; ``AUTOGLM_MAX_BATCH_SIZE`` is the
+same setting), so the CLI can map flags onto these objects mechanically. Both
+classes are frozen: the policy is fixed for the life of the process, and the
+scheduler reads it on every step without copying.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    """The batching policy. Validated on construction (``ValueError`` names the field)."""
+
+    max_batch_size: int = 64  # running requests per step; also the number of KV slots
+    max_batch_tokens: int = 8192  # tokens per step: one per decoding request plus prefill chunks
+    max_queue_delay_ms: float = 0.0  # how long the first waiting request may wait for company
+    max_queue_length: int = 1024  # waiting requests before QueueFullError
+    priority_levels: int = 1  # priorities 0 (most urgent) .. priority_levels - 1
+    chunked_prefill: bool = True  # split long prompts across steps to stay under the budget
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size: must be >= 1, got {self.max_batch_size}")
+        if self.max_batch_tokens < self.max_batch_size:
+            # Every running request needs one token of budget per decode step;
+            # a smaller budget would starve some of them.
+            raise ValueError(
+                f"max_batch_tokens: must be >= max_batch_size ({self.max_batch_size}), "
+                f"got {self.max_batch_tokens}"
+            )
+        if self.max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms: must be >= 0, got {self.max_queue_delay_ms}")
+        if self.max_queue_length < 0:
+            raise ValueError(f"max_queue_length: must be >= 0, got {self.max_queue_length}")
+        if self.priority_levels < 1:
+            raise ValueError(f"priority_levels: must be >= 1, got {self.priority_levels}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything ``build_engine`` needs. Validated on construction."""
+
+    model: str  # local directory or hf://org/name@revision (offline, from the HF cache)
+    served_model_name: str | None = None  # None: the directory / repository name
+    model_version: str = "local"  # revision label in APIs and metrics
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_model_len: int | None = None  # prompt + output; None: from the model config
+    trust_remote_code: bool = False  # explicit opt-in to run code shipped with the model
+    sha256_file: str | None = None  # JSON {"file.safetensors": "<hex>"}; every file verified
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model: must not be empty")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        base_device = self.device.split(":", 1)[0]
+        if base_device not in DEVICES or (base_device != "cuda" and ":" in self.device):
+            raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len}")

@@ -1,0 +1,570 @@
+"""The engine: intake, a step loop on its own thread, and per-request streams.
+
+Threads and ownership
+---------------------
+The asyncio event loop (the gRPC/HTTP front ends) calls :meth:`LLMEngine.generate`
+and :meth:`LLMEngine.abort`. ONE dedicated thread runs the step loop:
+``schedule() -> runner.execute() -> update() -> detokenize``, one step at a
+time, so the forward pass never blocks the event loop and never overlaps
+another. The scheduler is shared between the two and guarded by one lock,
+which is held only for book-keeping, never across a forward pass.
+
+Each request has an ``asyncio.Queue``; the step thread hands a step's results
+to the event loop with ONE ``call_soon_threadsafe`` per step, not one per
+token.
+
+Aborts (an explicit :meth:`abort`, or the consumer closing or dropping its
+stream) remove the request from the scheduler at once, under the lock. If a
+forward pass is running at that moment, the request's result from that pass is
+dropped in ``update()`` and its slot is handed out again only by the next
+``schedule()``, so the runner never sees a slot change under a running pass.
+
+Failure
+-------
+An exception inside ``runner.execute`` fails only the requests of that batch
+(``FinishReason.ERROR``; their streams raise :class:`EngineStepError`). An
+exception anywhere else in the loop is fatal: ``is_ready()`` turns False, every
+stream raises ``UnavailableError``, and ``on_fatal`` is called so the process
+can exit non-zero and be restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import (
+    AutoGLMError,
+    InvalidRequestError,
+    UnavailableError,
+)
+from ..metrics import EngineStats, Metrics
+from .api import (
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+    Usage,
+)
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer, TokenDecoder
+from .loader import LoadedModel, load_model
+from .scheduler import RequestOutput, Scheduler, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+_Item = GenerationDelta | BaseException
+
+
+class EngineStepError(AutoGLMError):
+    """A forward pass failed; only the requests in that batch fail (gRPC INTERNAL)."""
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """Engine-side state of one live request (touched under the engine lock)."""
+
+    request: GenerationRequest
+    queue: asyncio.Queue[_Item]
+    detok: IncrementalDetokenizer
+    first_token_time: float | None = None
+    done: bool = False
+
+
+class RequestStream(AsyncIterator[GenerationDelta]):
+    """The stream ``generate()`` returns.
+
+    A plain class rather than an async generator, for two reasons: admission
+    (and its errors) happens in ``generate()`` itself, before the first
+    ``await``; and dropping the stream (``break`` out of ``async for``, a
+    cancelled task) aborts the request at once via ``__del__``/``aclose``
+    instead of whenever the garbage collector finalises an async generator.
+    """
+
+    def __init__(self, engine: LLMEngine, tracked: _Tracked) -> None:
+        self._engine = engine
+        self._tracked = tracked
+        self._finished = False
+
+    @property
+    def request_id(self) -> str:
+        return self._tracked.request.request_id
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> GenerationDelta:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._tracked.queue.get()
+        except BaseException:  # cancelled while waiting: the consumer is gone
+            self._close()
+            raise
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        if item.finish_reason is not None:
+            self._finished = True
+        return item
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._engine._abort_now(self.request_id, code="CANCELLED", notify=False)
+
+    def __del__(self) -> None:
+        # No lock here: a finaliser can run in any thread, even one that holds
+        # the engine lock. The step thread applies the abort before its next step.
+        if not self._finished:
+            self._finished = True
+            self._engine._pending_aborts.append(self.request_id)
+
+
+class LLMEngine:
+    """Implements ``autoglm_server.engine.api.AsyncEngine``."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        metrics: Metrics | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+        loader: Callable[[EngineConfig], LoadedModel] = load_model,
+    ) -> None:
+        self.config = config
+        self.served_model_name = config.served_model_name or _default_name(config.model)
+        self.metrics = metrics or Metrics(self.served_model_name, config.model_version)
+        self.on_fatal = on_fatal
+        self._loader = loader
+        self._lock = threading.Condition(threading.Lock())
+        self._tracked: dict[str, _Tracked] = {}
+        self._pending_aborts: deque[str] = deque()  # from finalisers; applied by the step thread
+        self._loaded: LoadedModel | None = None
+        self._runner: Any = None  # ModelRunner; imported lazily with torch
+        self._scheduler: Scheduler | None = None
+        self._decoder: TokenDecoder | None = None
+        self._info: ModelInfo | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = False
+        self._accepting = False
+        self._stopping = False
+        self._fatal: BaseException | None = None
+        self.metrics.track_engine(self.stats)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model, allocate the KV cache, warm up, start the step loop; then ready."""
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._loop = asyncio.get_running_loop()
+        loaded = await asyncio.to_thread(self._loader, self.config)
+        self._runner = await asyncio.to_thread(self._build_runner, loaded)
+        await asyncio.to_thread(self._runner.warmup)
+        self._loaded = loaded
+        self._decoder = TokenDecoder(loaded.tokenizer)
+        self._scheduler = Scheduler(self.config.batching, loaded.max_model_len)
+        self._info = ModelInfo(
+            name=self.served_model_name,
+            version=self.config.model_version,
+            max_model_len=loaded.max_model_len,
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            device=str(loaded.device),
+            vocab_size=loaded.vocab_size,
+            architecture=loaded.architecture,
+        )
+        self._thread = threading.Thread(target=self._run_loop, name="autoglm-engine", daemon=True)
+        self._thread.start()
+        self._accepting = True
+        self._ready = True
+        logger.info("engine ready: %s (%s)", self.served_model_name, loaded.architecture)
+
+    def _build_runner(self, loaded: LoadedModel) -> Any:
+        from .runner import ModelRunner
+
+        return ModelRunner(
+            loaded.model,
+            num_slots=self.config.batching.max_batch_size,
+            max_model_len=loaded.max_model_len,
+            device=loaded.device,
+        )
+
+    async def shutdown(self, grace_s: float = 30.0) -> None:
+        """Stop admitting (UnavailableError), drain for up to ``grace_s``, abort the rest."""
+        self._accepting = False
+        self._ready = False
+        deadline = time.monotonic() + max(0.0, grace_s)
+        while self._thread is not None and self._fatal is None and time.monotonic() < deadline:
+            with self._lock:
+                if not self._tracked:
+                    break
+            await asyncio.sleep(0.01)
+        with self._lock:
+            remaining = list(self._tracked)
+        for request_id in remaining:
+            self._abort_now(request_id, code="UNAVAILABLE", notify=True)
+        if remaining:
+            logger.warning("shutdown: aborted %d unfinished requests", len(remaining))
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self.metrics.close()
+
+    def is_ready(self) -> bool:
+        return self._ready and self._fatal is None
+
+    # -- AsyncEngine -----------------------------------------------------------------------------
+
+    @property
+    def model_info(self) -> ModelInfo:
+        if self._info is None:
+            raise UnavailableError("the model is not loaded yet")
+        return self._info
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._loaded is None:
+            raise UnavailableError("the model is not loaded yet")
+        return self._loaded.tokenizer
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise InvalidRequestError("messages", "this model has no chat template")
+        if not messages:
+            raise InvalidRequestError("messages", "must not be empty")
+        try:
+            ids = tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # a template error is the caller's messages, not ours
+            raise InvalidRequestError("messages", f"cannot apply the chat template: {exc}") from exc
+        return [int(i) for i in ids]
+
+    def generate(self, request: GenerationRequest) -> RequestStream:
+        """Validate and admit at once (raising here), then stream deltas."""
+        try:
+            self._validate(request)
+            if not request.arrival_time:
+                request.arrival_time = time.monotonic()
+            assert self._scheduler is not None and self._loaded is not None
+            assert self._decoder is not None
+            tracked = _Tracked(
+                request=request,
+                queue=asyncio.Queue(),
+                detok=IncrementalDetokenizer(self._decoder, request.params.stop),
+            )
+            with self._lock:
+                if request.request_id in self._tracked:
+                    raise InvalidRequestError("request_id", "a request with this id is running")
+                self._scheduler.add_request(request, self._loaded.eos_token_ids)
+                self._tracked[request.request_id] = tracked
+                self._lock.notify_all()
+        except AutoGLMError as exc:
+            self.metrics.on_rejected(exc.grpc_code)
+            raise
+        self.metrics.on_arrival(len(request.prompt_token_ids))
+        return RequestStream(self, tracked)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; its stream ends with ``FinishReason.ABORT``. Unknown ids are ignored."""
+        self._abort_now(request_id, code="CANCELLED", notify=True)
+
+    def stats(self) -> EngineStats:
+        scheduler = self._scheduler
+        if scheduler is None:
+            return EngineStats(running=0, waiting=0, kv_usage=0.0)
+        return EngineStats(
+            running=scheduler.num_running,
+            waiting=scheduler.num_waiting,
+            kv_usage=scheduler.kv_usage(),
+        )
+
+    # -- intake ----------------------------------------------------------------------------------
+
+    def _validate(self, request: GenerationRequest) -> None:
+        if self._fatal is not None:
+            raise UnavailableError("the engine has failed")
+        if not self._accepting or self._scheduler is None or self._loaded is None:
+            raise UnavailableError("the engine is not accepting requests")
+        if not request.request_id:
+            raise InvalidRequestError("request_id", "must not be empty")
+        validate_request(
+            request,
+            max_model_len=self._loaded.max_model_len,
+            vocab_size=self._loaded.vocab_size,
+            priority_levels=self.config.batching.priority_levels,
+        )
+
+    # -- abort -----------------------------------------------------------------------------------
+
+    def _abort_now(self, request_id: str, *, code: str, notify: bool) -> None:
+        """Thread-safe: drop the request from the scheduler and free its slot now."""
+        scheduler = self._scheduler
+        if scheduler is None:
+            return
+        with self._lock:
+            tracked = self._tracked.pop(request_id, None)
+            if tracked is None or tracked.done:
+                return
+            tracked.done = True
+            state = scheduler.abort_request(request_id)
+        now = time.monotonic()
+        n_out = len(state.output_token_ids) if state is not None else 0
+        self.metrics.on_finish(
+            code,
+            e2e_s=now - tracked.request.arrival_time,
+            ttft_s=_ttft(tracked),
+            output_tokens=n_out,
+        )
+        if notify:
+            delta = GenerationDelta(
+                request_id=request_id,
+                text="",
+                finish_reason=FinishReason.ABORT,
+                usage=Usage(len(tracked.request.prompt_token_ids), n_out),
+            )
+            self._post([(tracked.queue, delta)])
+
+    # -- the step loop (engine thread) ----------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        try:
+            while True:
+                while self._pending_aborts:
+                    self._abort_now(self._pending_aborts.popleft(), code="CANCELLED", notify=False)
+                with self._lock:
+                    scheduler = self._scheduler
+                    assert scheduler is not None
+                    while not self._stopping and not scheduler.has_unfinished():
+                        self._lock.wait()
+                    if self._stopping:
+                        return
+                    sched = scheduler.schedule()
+                if sched.is_empty:
+                    if sched.freed_slots:
+                        self._runner.execute(sched)
+                    with self._lock:
+                        if not self._stopping:
+                            self._lock.wait(timeout=sched.wait_s if sched.wait_s else 0.005)
+                    continue
+                self._step(sched)
+        except BaseException as exc:
+            self._die(exc)
+
+    def _step(self, sched: SchedulerOutput) -> None:
+        scheduler = self._scheduler
+        assert scheduler is not None
+        try:
+            result = self._runner.execute(sched)
+        except Exception as exc:
+            logger.exception(
+                "engine step %d failed; failing its %d requests", sched.step_id, len(sched.seqs)
+            )
+            self._fail_batch(sched, exc)
+            return
+        with self._lock:
+            outputs = scheduler.update(sched, result)
+            work: list[tuple[RequestOutput, _Tracked]] = []
+            for out in outputs:
+                tracked = self._tracked.get(out.request_id)
+                if tracked is None or tracked.done:
+                    continue
+                if out.finish_reason is not None:
+                    # Finished by the scheduler (EOS, length): claim it now, so a
+                    # concurrent abort() cannot also finish it.
+                    del self._tracked[out.request_id]
+                    tracked.done = True
+                work.append((out, tracked))
+        now = time.monotonic()
+        deliveries: list[tuple[asyncio.Queue[_Item], _Item]] = []
+        stopped: list[tuple[_Tracked, GenerationDelta]] = []
+        for out, tracked in work:
+            delta = self._make_delta(out, tracked, now)
+            if delta.finish_reason is not None and out.finish_reason is None:
+                stopped.append((tracked, delta))  # a stop string: claimed below, under the lock
+            else:
+                deliveries.append((tracked.queue, delta))
+        self.metrics.on_tokens(len(outputs))
+        if stopped:
+            with self._lock:
+                for tracked, delta in stopped:
+                    if self._tracked.get(delta.request_id) is not tracked or tracked.done:
+                        continue  # aborted meanwhile: the abort already ended the stream
+                    del self._tracked[delta.request_id]
+                    tracked.done = True
+                    scheduler.finish_request(delta.request_id, FinishReason.STOP)
+                    deliveries.append((tracked.queue, delta))
+                    self._record_finish(tracked, delta, now)
+        self._post(deliveries)
+
+    def _make_delta(self, out: RequestOutput, tracked: _Tracked, now: float) -> GenerationDelta:
+        request = tracked.request
+        if tracked.first_token_time is None:
+            tracked.first_token_time = now
+            self.metrics.on_first_token(now - request.arrival_time)
+        finish = out.finish_reason
+        result = tracked.detok.add(out.new_token_ids, final=finish is not None)
+        if result.stopped:
+            finish = FinishReason.STOP
+        delta = GenerationDelta(
+            request_id=out.request_id,
+            text=result.text,
+            token_ids=out.new_token_ids,
+            finish_reason=finish,
+            usage=Usage(out.num_prompt_tokens, out.num_output_tokens) if finish else None,
+        )
+        if out.finish_reason is not None:
+            self._record_finish(tracked, delta, now)
+        return delta
+
+    def _record_finish(self, tracked: _Tracked, delta: GenerationDelta, now: float) -> None:
+        assert delta.usage is not None
+        self.metrics.on_finish(
+            "OK",
+            e2e_s=now - tracked.request.arrival_time,
+            ttft_s=_ttft(tracked),
+            output_tokens=delta.usage.completion_tokens,
+        )
+
+    def _fail_batch(self, sched: SchedulerOutput, exc: BaseException) -> None:
+        scheduler = self._scheduler
+        assert scheduler is not None
+        deliveries: list[tuple[asyncio.Queue[_Item], _Item]] = []
+        with self._lock:
+            for seq in sched.seqs:
+                scheduler.finish_request(seq.request_id, FinishReason.ERROR)
+                tracked = self._tracked.pop(seq.request_id, None)
+                if tracked is None or tracked.done:
+                    continue
+                tracked.done = True
+                error = EngineStepError("internal error while generating")
+                error.__cause__ = exc
+                deliveries.append((tracked.queue, error))
+        for _ in deliveries:
+            self.metrics.on_finish("INTERNAL")
+        self._post(deliveries)
+
+    def _die(self, exc: BaseException) -> None:
+        logger.critical("the engine loop died: %s", exc, exc_info=exc)
+        self._fatal = exc
+        self._ready = False
+        self._accepting = False
+        with self._lock:
+            tracked = list(self._tracked.values())
+            self._tracked.clear()
+        deliveries: list[tuple[asyncio.Queue[_Item], _Item]] = []
+        for t in tracked:
+            t.done = True
+            deliveries.append((t.queue, UnavailableError("the engine has failed")))
+        self._post(deliveries)
+        loop = self._loop
+        if self.on_fatal is not None and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.on_fatal, exc)
+
+    def _post(self, deliveries: list[tuple[asyncio.Queue[_Item], _Item]]) -> None:
+        """Hand results to the event loop: one wake-up for the whole batch."""
+        loop = self._loop
+        if not deliveries or loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(_deliver, deliveries)
+        except RuntimeError:  # the loop closed between the check and the call
+            logger.debug("event loop closed; %d results dropped", len(deliveries))
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue[_Item], _Item]]) -> None:
+    for queue, item in deliveries:
+        queue.put_nowait(item)
+
+
+def _ttft(tracked: _Tracked) -> float | None:
+    if tracked.first_token_time is None:
+        return None
+    return tracked.first_token_time - tracked.request.arrival_time
+
+
+def _default_name(source: str) -> str:
+    if source.startswith("hf://"):
+        return source.removeprefix("hf://").split("@", 1)[0]
+    return Path(source).expanduser().resolve().name or source
+
+
+def validate_request(
+    request: GenerationRequest, *, max_model_len: int, vocab_size: int, priority_levels: int
+) -> None:
+    """Raise InvalidRequestError naming the first bad field. Pure; front ends may call it too."""
+    prompt = request.prompt_token_ids
+    n = len(prompt)
+    if n == 0:
+        raise InvalidRequestError("prompt", "must not be empty")
+    if n >= max_model_len:
+        raise InvalidRequestError(
+            "prompt",
+            f"{n} tokens leave no room to generate within the context limit of {max_model_len}",
+        )
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise InvalidRequestError("prompt", f"token ids must be in [0, {vocab_size})")
+    p = request.params
+    if not isinstance(p.max_new_tokens, int) or p.max_new_tokens < 1:
+        raise InvalidRequestError("max_new_tokens", f"must be >= 1, got {p.max_new_tokens}")
+    if not math.isfinite(p.temperature) or p.temperature < 0:
+        raise InvalidRequestError("temperature", f"must be >= 0, got {p.temperature}")
+    if not math.isfinite(p.top_p) or not 0 < p.top_p <= 1:
+        raise InvalidRequestError("top_p", f"must be in (0, 1], got {p.top_p}")
+    if not isinstance(p.top_k, int) or p.top_k < 0:
+        raise InvalidRequestError("top_k", f"must be >= 0, got {p.top_k}")
+    if not math.isfinite(p.repetition_penalty) or p.repetition_penalty <= 0:
+        raise InvalidRequestError("repetition_penalty", f"must be > 0, got {p.repetition_penalty}")
+    if len(p.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidRequestError("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    for s in p.stop:
+        if not isinstance(s, str) or not s or len(s) > MAX_STOP_LENGTH:
+            raise InvalidRequestError(
+                "stop", f"stop sequences must be non-empty strings of at most {MAX_STOP_LENGTH}"
+            )
+    if p.seed is not None and (not isinstance(p.seed, int) or not _SEED_MIN <= p.seed <= _SEED_MAX):
+        raise InvalidRequestError("seed", "must be a 64-bit integer")
+    if not 0 <= request.priority < priority_levels:
+        raise InvalidRequestError("priority", f"must be in [0, {priority_levels})")
+
+
+def build_engine(
+    cfg: EngineConfig,
+    *,
+    metrics: Metrics | None = None,
+    on_fatal: Callable[[BaseException], None] | None = None,
+) -> LLMEngine:
+    """Create an engine (not started: ``await engine.start()`` loads and warms up)."""
+    return LLMEngine(cfg, metrics=metrics, on_fatal=on_fatal)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex

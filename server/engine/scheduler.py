@@ -1,0 +1,356 @@
+"""The continuous-batching scheduler: pure Python, no torch.
+
+One engine step is ``schedule() -> runner.execute() -> update()`` (the vLLM V1
+shape). The scheduler decides which tokens run in the next forward pass; the
+runner only executes what it is told. Because nothing here touches a device,
+the policy is unit-tested with a fake runner.
+
+Policy, in order, on every step:
+
+1. Every running request that has finished its prompt decodes one token.
+   Requests join and leave the running batch between any two steps.
+2. Running requests whose prompt is only partly in the KV cache (chunked
+   prefill) continue with the next chunk, under the token budget.
+3. Waiting requests are admitted, most urgent priority first and FIFO within a
+   priority, while a KV slot is free and the token budget
+   (``max_batch_tokens``) has room for (a chunk of) their prompt.
+
+KV memory is a fixed pool of ``max_batch_size`` slots, each holding
+``max_model_len`` tokens. A slot is taken at admission and given back when the
+request finishes or is aborted, so admission never fails for lack of memory
+half-way through a request and nothing is ever preempted.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..errors import QueueFullError
+from .api import FinishReason, GenerationRequest, SamplingParams
+from .config import BatchingConfig
+
+
+@dataclass(slots=True)
+class RequestState:
+    """The scheduler's book-keeping for one request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    arrival_time: float  # time.monotonic() at intake
+    eos_token_ids: frozenset[int]  # empty when params.ignore_eos
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the slot's cache
+    slot: int = -1  # KV slot while running, -1 otherwise
+    finish_reason: FinishReason | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """One request's share of a step: a prompt chunk, or the last sampled token."""
+
+    request_id: str
+    slot: int  # KV slot: the runner writes K/V at [slot, start_pos : start_pos + len(token_ids)]
+    token_ids: list[int]  # the tokens fed to the model this step
+    start_pos: int  # position of token_ids[0] in the sequence (= tokens already cached)
+    sample: bool  # True: sample the next token after this chunk (decode, or last prefill chunk)
+    is_new: bool  # first chunk of a freshly admitted request: the runner resets slot state
+    params: SamplingParams  # sampling settings (the runner reads them when is_new / sample)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What the runner executes in one forward pass."""
+
+    step_id: int  # increases by one per non-empty step
+    seqs: list[ScheduledSeq]  # decodes first (ordered by slot), then prefill chunks
+    num_tokens: int  # sum of len(seq.token_ids): never above max_batch_tokens
+    freed_slots: list[int]  # slots released since the previous step (runner drops their state)
+    wait_s: float | None = None  # nothing scheduled because of max_queue_delay_ms: retry after
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """What the runner returns: one sampled token per ``seq.sample`` in schedule order."""
+
+    sampled_token_ids: list[int]  # aligned with [s for s in seqs if s.sample]
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One request's result from one step (new token ids; the engine detokenizes)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None  # set when the request is done
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # total generated so far, including new_token_ids
+
+
+class Scheduler:
+    """Continuous batching over a fixed pool of KV slots.
+
+    Not thread-safe: the engine serialises access with its own lock.
+    """
+
+    def __init__(
+        self,
+        config: BatchingConfig,
+        max_model_len: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.num_slots = config.max_batch_size
+        self._clock = clock
+        # One FIFO per priority level; index 0 is the most urgent.
+        self._waiting: list[deque[RequestState]] = [deque() for _ in range(config.priority_levels)]
+        self._num_waiting = 0
+        self._running: dict[str, RequestState] = {}  # insertion order = admission order
+        self._requests: dict[str, RequestState] = {}  # waiting and running
+        self._free_slots: list[int] = list(range(self.num_slots))  # a min-heap: lowest slot first
+        self._freed_since_step: list[int] = []
+        self._step_id = 0
+
+    # -- intake ------------------------------------------------------------------------------
+
+    def add_request(
+        self, request: GenerationRequest, eos_token_ids: Iterable[int] = ()
+    ) -> RequestState:
+        """Queue a validated request. Raises ``QueueFullError`` when the queue is full."""
+        if request.request_id in self._requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if not 0 <= request.priority < self.config.priority_levels:
+            raise ValueError(f"priority {request.priority} out of range")
+        if self._num_waiting >= self.config.max_queue_length:
+            raise QueueFullError(
+                f"the waiting queue is full ({self.config.max_queue_length} requests)"
+            )
+        state = RequestState(
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            params=request.params,
+            priority=request.priority,
+            arrival_time=request.arrival_time or self._clock(),
+            eos_token_ids=frozenset() if request.params.ignore_eos else frozenset(eos_token_ids),
+        )
+        self._waiting[request.priority].append(state)
+        self._num_waiting += 1
+        self._requests[request.request_id] = state
+        return state
+
+    def abort_request(self, request_id: str) -> RequestState | None:
+        """Remove a request wherever it is and free its slot. Returns None if unknown.
+
+        The engine calls this only between steps, so a slot is never freed under
+        a forward pass that still writes to it.
+        """
+        return self._finish(request_id, FinishReason.ABORT)
+
+    def finish_request(self, request_id: str, reason: FinishReason) -> RequestState | None:
+        """Finish a request for a reason found outside the scheduler (a stop string, an error)."""
+        return self._finish(request_id, reason)
+
+    def _finish(self, request_id: str, reason: FinishReason) -> RequestState | None:
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return None
+        state.finish_reason = reason
+        if state.slot >= 0:
+            del self._running[request_id]
+            self._release_slot(state)
+        else:
+            self._waiting[state.priority].remove(state)
+            self._num_waiting -= 1
+        return state
+
+    def _release_slot(self, state: RequestState) -> None:
+        heapq.heappush(self._free_slots, state.slot)
+        self._freed_since_step.append(state.slot)
+        state.slot = -1
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick the work for one forward pass (see the module docstring for the policy)."""
+        budget = self.config.max_batch_tokens
+        decodes: list[ScheduledSeq] = []
+        prefills: list[ScheduledSeq] = []
+
+        # 1 and 2: running requests, in admission order.
+        for state in self._running.values():
+            if budget <= 0:
+                break
+            n_prompt = len(state.prompt_token_ids)
+            if state.num_computed_tokens >= n_prompt:
+                # Decode: feed the last sampled token.
+                decodes.append(
+                    ScheduledSeq(
+                        request_id=state.request_id,
+                        slot=state.slot,
+                        token_ids=[state.output_token_ids[-1]],
+                        start_pos=state.num_tokens - 1,
+                        sample=True,
+                        is_new=False,
+                        params=state.params,
+                    )
+                )
+                budget -= 1
+        for state in self._running.values():
+            if budget <= 0:
+                break
+            if state.num_computed_tokens < len(state.prompt_token_ids):
+                seq = self._prefill_chunk(state, budget, is_new=False)
+                if seq is None:
+                    break
+                prefills.append(seq)
+                budget -= len(seq.token_ids)
+
+        # 3: admissions.
+        wait_s: float | None = None
+        if self._num_waiting and self._free_slots and budget > 0:
+            wait_s = self._queue_delay_remaining(idle=not self._running)
+            if wait_s is None:
+                budget = self._admit(budget, prefills)
+
+        decodes.sort(key=lambda s: s.slot)
+        seqs = decodes + prefills
+        freed, self._freed_since_step = self._freed_since_step, []
+        if seqs:
+            self._step_id += 1
+        return SchedulerOutput(
+            step_id=self._step_id,
+            seqs=seqs,
+            num_tokens=self.config.max_batch_tokens - budget,
+            freed_slots=freed,
+            wait_s=wait_s if not seqs else None,
+        )
+
+    def _queue_delay_remaining(self, *, idle: bool) -> float | None:
+        """Seconds the idle batch should still wait for company, or None to admit now.
+
+        Only an idle batch waits: once requests are running, every step admits
+        whatever is waiting, so waiting would only add latency.
+        """
+        delay_s = self.config.max_queue_delay_ms / 1000.0
+        if not idle or delay_s <= 0 or self._num_waiting >= self.num_slots:
+            return None
+        oldest = min(q[0].arrival_time for q in self._waiting if q)
+        remaining = oldest + delay_s - self._clock()
+        return remaining if remaining > 0 else None
+
+    def _admit(self, budget: int, prefills: list[ScheduledSeq]) -> int:
+        for queue in self._waiting:
+            while queue and self._free_slots and budget > 0:
+                state = queue[0]
+                seq = self._prefill_chunk(state, budget, is_new=True)
+                if seq is None:
+                    return budget  # head of line does not fit: keep the order, stop admitting
+                queue.popleft()
+                self._num_waiting -= 1
+                state.slot = heapq.heappop(self._free_slots)
+                seq.slot = state.slot
+                self._running[state.request_id] = state
+                prefills.append(seq)
+                budget -= len(seq.token_ids)
+            if not self._free_slots or budget <= 0:
+                break
+        return budget
+
+    def _prefill_chunk(
+        self, state: RequestState, budget: int, *, is_new: bool
+    ) -> ScheduledSeq | None:
+        start = state.num_computed_tokens
+        remaining = len(state.prompt_token_ids) - start
+        if remaining > budget:
+            # Without chunking a prompt must fit in one step; a prompt longer than the
+            # whole budget still runs, alone, when the budget is untouched.
+            if not self.config.chunked_prefill and budget < self.config.max_batch_tokens:
+                return None
+            n = budget if self.config.chunked_prefill else remaining
+        else:
+            n = remaining
+        return ScheduledSeq(
+            request_id=state.request_id,
+            slot=state.slot,
+            token_ids=state.prompt_token_ids[start : start + n],
+            start_pos=start,
+            sample=start + n == len(state.prompt_token_ids),
+            is_new=is_new,
+            params=state.params,
+        )
+
+    def update(self, scheduled: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        """Apply the runner's sampled tokens; finish requests on EOS or length."""
+        outputs: list[RequestOutput] = []
+        sampled = iter(result.sampled_token_ids)
+        for seq in scheduled.seqs:
+            token = next(sampled) if seq.sample else -1
+            state = self._running.get(seq.request_id)
+            if state is None or state.slot != seq.slot:
+                continue  # aborted while the step ran: its result is dropped
+            state.num_computed_tokens = seq.start_pos + len(seq.token_ids)
+            if not seq.sample:
+                continue
+            state.output_token_ids.append(token)
+            reason: FinishReason | None = None
+            if token in state.eos_token_ids:
+                reason = FinishReason.STOP
+            elif (
+                len(state.output_token_ids) >= state.params.max_new_tokens
+                or state.num_tokens >= self.max_model_len
+            ):
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                self._finish(state.request_id, reason)
+            outputs.append(
+                RequestOutput(
+                    request_id=state.request_id,
+                    new_token_ids=[token],
+                    finish_reason=reason,
+                    num_prompt_tokens=len(state.prompt_token_ids),
+                    num_output_tokens=len(state.output_token_ids),
+                )
+            )
+        return outputs
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def get(self, request_id: str) -> RequestState | None:
+        return self._requests.get(request_id)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
+
+    def kv_usage(self) -> float:
+        """Used KV slots / capacity, 0..1."""
+        return 1.0 - len(self._free_slots) / self.num_slots
