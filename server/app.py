@@ -1,0 +1,278 @@
+"""The server process: start-up order, signals, drain and exit codes.
+
+Order matters for Kubernetes:
+
+1. gRPC and HTTP listen first, answering NOT_SERVING / ``/readyz`` 503 (and
+   ``/healthz`` 200), so liveness probes pass while a large model loads.
+2. The engine loads, warms up and starts its step loop; then SERVING.
+3. SIGTERM (or SIGINT): NOT_SERVING at once, so endpoints drop the pod;
+   new requests are refused with UNAVAILABLE (clients retry elsewhere);
+   admitted requests run to completion for up to ``shutdown_grace_s``; what
+   is left then is aborted; the listeners close; exit 0. A second signal
+   cuts the grace short.
+4. If the engine's step loop dies, NOT_SERVING and exit 1, so the kubelet
+   restarts the container. A model that can't be loaded exits 2 with one
+   line naming the cause (e.g. the file whose digest does not match).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from autoglm_server.errors import ModelLoadError
+from autoglm_server.frontend import Phase, ServerState
+from autoglm_server.grpc_server import build_grpc_server
+from autoglm_server.http_server import build_http_app, build_metrics_app
+
+if TYPE_CHECKING:
+    from autoglm_server.engine.config import EngineConfig
+    from autoglm_server.engine.engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ENGINE_DIED = 1
+EXIT_START_FAILED = 2  # the model can't be loaded, or a port can't be bound
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """Process-level settings (the engine's are in EngineConfig)."""
+
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002  # 0: metrics only on the HTTP port
+    shutdown_grace_s: float = 30.0
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside our loop: signals are ours, so it must not install its own."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before serving, so a busy port fails start-up with a clear error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+EngineFactory = Callable[["EngineConfig", Callable[[BaseException], None]], "LLMEngine"]
+
+
+def _real_engine_factory(
+    config: EngineConfig, on_fatal: Callable[[BaseException], None]
+) -> LLMEngine:
+    from autoglm_server.engine.engine import build_engine
+
+    return build_engine(config, on_fatal=on_fatal)
+
+
+class ServerProcess:
+    """One serving process: the state, the listeners and the engine.
+
+    ``engine_factory`` exists for tests, which drive the whole lifecycle
+    with a fake engine; the default builds the real one.
+    """
+
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        options: ServeOptions,
+        engine_factory: EngineFactory | None = None,
+    ) -> None:
+        self.engine_config = engine_config
+        self.options = options
+        self._engine_factory = engine_factory
+        self.state = ServerState()
+        self.engine: LLMEngine | None = None  # anything with LLMEngine's interface
+        self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._exit_code = EXIT_OK
+        self._uvicorns: list[tuple[_EmbeddedUvicorn, asyncio.Task[None]]] = []
+        self._grpc: Any = None
+        self.ports: dict[str, int] = {}  # bound ports by listener: grpc, http, metrics
+        self.listening = asyncio.Event()
+
+    # -- signals -----------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """First call: begin the drain. Later calls: skip what is left of the grace."""
+        if self._stop.is_set():
+            logger.warning("%s again: cutting the drain short", reason)
+            self._hurry.set()
+            return
+        logger.info("%s: draining", reason)
+        if self.state.phase in (Phase.STARTING, Phase.SERVING):
+            self.state.set_phase(Phase.DRAINING)
+        self._stop.set()
+
+    def _on_engine_fatal(self, exc: BaseException) -> None:
+        logger.critical("engine loop died; exiting so the container restarts")
+        self._exit_code = EXIT_ENGINE_DIED
+        self.state.set_phase(Phase.STOPPED)
+        self._stop.set()
+        self._hurry.set()
+
+    # -- run -----------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+        try:
+            try:
+                await self._start_listeners()
+            except OSError as exc:
+                logger.error("start-up failed: %s", exc)
+                return EXIT_START_FAILED
+            if not await self._start_engine():
+                return self._exit_code
+            if not self._stop.is_set():
+                self.state.set_phase(Phase.SERVING)
+            await self._stop.wait()
+            await self._drain()
+        finally:
+            await self._close_listeners()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        logger.info("exiting with code %d", self._exit_code)
+        return self._exit_code
+
+    async def _start_listeners(self) -> None:
+        opts = self.options
+        server, grpc_port = build_grpc_server(self.state, opts.host, opts.grpc_port)
+        self._grpc = server
+        await server.start()
+        self.ports["grpc"] = grpc_port
+        metrics = self._render_metrics
+        apps = [("http", build_http_app(self.state, metrics), opts.http_port)]
+        if opts.metrics_port:
+            apps.append(("metrics", build_metrics_app(metrics), opts.metrics_port))
+        for name, app, app_port in apps:
+            sock = _listen(opts.host, app_port)
+            self.ports[name] = sock.getsockname()[1]
+            config = uvicorn.Config(
+                app,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=5,
+                ws="none",
+            )
+            server_ = _EmbeddedUvicorn(config)
+            task = asyncio.create_task(server_.serve(sockets=[sock]), name=f"uvicorn-{name}")
+            self._uvicorns.append((server_, task))
+        while not all(s.started for s, _ in self._uvicorns):
+            for _, task in self._uvicorns:
+                if task.done():
+                    task.result()  # surfaces the start-up error
+                    raise RuntimeError("an HTTP listener exited during start-up")
+            await asyncio.sleep(0.01)
+        self.listening.set()
+        logger.info(
+            "listening on %s: %s",
+            opts.host,
+            ", ".join(f"{name} {port}" for name, port in self.ports.items()),
+        )
+
+    def _render_metrics(self) -> bytes:
+        engine = self.engine
+        return engine.metrics.render() if engine is not None else b""
+
+    async def _start_engine(self) -> bool:
+        t0 = time.monotonic()
+        try:
+            factory = self._engine_factory
+            if factory is None:
+                # Importing torch takes seconds; do it off the loop so probes keep answering.
+                await asyncio.to_thread(importlib.import_module, "autoglm_server.engine.engine")
+                factory = _real_engine_factory
+            engine = factory(self.engine_config, self._on_engine_fatal)
+            self.engine = engine
+            self.state.engine = engine
+            self.state.on_rejected = engine.metrics.on_rejected
+            starting = asyncio.create_task(engine.start())
+            stopping = asyncio.create_task(self._stop.wait())
+            await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                logger.info("stopped during start-up")
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await starting
+                self.state.set_phase(Phase.STOPPED)
+                return False
+            stopping.cancel()
+            starting.result()
+        except ModelLoadError as exc:
+            logger.error("model load failed: %s", exc)
+            self._exit_code = EXIT_START_FAILED
+            self.state.set_phase(Phase.STOPPED)
+            return False
+        except Exception:
+            logger.exception("engine start-up failed")
+            self._exit_code = EXIT_START_FAILED
+            self.state.set_phase(Phase.STOPPED)
+            return False
+        logger.info("engine started in %.1f s", time.monotonic() - t0)
+        return True
+
+    async def _drain(self) -> None:
+        grace = self.options.shutdown_grace_s
+        deadline = time.monotonic() + grace
+        if self.state.phase is not Phase.STOPPED:
+            idle = asyncio.create_task(self.state.wait_idle(grace))
+            hurry = asyncio.create_task(self._hurry.wait())
+            await asyncio.wait((idle, hurry), return_when=asyncio.FIRST_COMPLETED)
+            hurry.cancel()
+            if not idle.done():
+                idle.cancel()
+            logger.info("drain: %d requests still in flight", self.state.in_flight)
+        engine = self.engine
+        if engine is not None:
+            left = 0.0 if self._hurry.is_set() else max(0.0, deadline - time.monotonic())
+            await engine.shutdown(left)
+        # Aborted streams need a moment to send their last message.
+        await self.state.wait_idle(1.0)
+        self.state.set_phase(Phase.STOPPED)
+
+    async def _close_listeners(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        for server_, _ in self._uvicorns:
+            server_.should_exit = True
+        for _, task in self._uvicorns:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=10)
+
+
+def run_server(engine_config: EngineConfig, options: ServeOptions) -> int:
+    """Run until stopped; return the process exit code."""
+
+    async def main() -> int:
+        return await ServerProcess(engine_config, options).run()
+
+    return asyncio.run(main())

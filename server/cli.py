@@ -1,0 +1,189 @@
+"""``autoglm-server``: flags, each with an ``AUTOGLM_<FLAG>`` environment variable.
+
+The operator configures pods only through environment variables
+(``docs/architecture.md`` has the table), people use flags; a flag given on the
+command line wins over its variable. Flags map mechanically onto
+``EngineConfig`` / ``BatchingConfig`` fields of the same name, so adding a
+batching knob is one line in :data:`FLAGS`.
+
+Nothing here imports torch: ``--help`` and argument errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "AUTOGLM_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _optional_int(value: str) -> int | None:
+    return None if value.strip() in ("", "none", "auto") else int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """One setting: its flag, type, default and where it lands."""
+
+    name: str  # flag without dashes, e.g. "max-batch-size"
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    target: str  # "engine", "batching", "serve" or "log"
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("model", str, None, "local model directory or hf://org/name@revision (required)", "engine"),
+    Flag("served-model-name", str, None, "model name in APIs and metrics (default: directory name)", "engine"),
+    Flag("model-version", str, "local", "revision label in APIs and metrics", "engine"),
+    Flag("dtype", str, "auto", "weight dtype", "engine", ("auto", "float32", "float16", "bfloat16")),
+    Flag("device", str, "auto", "cpu, cuda, cuda:N or auto", "engine"),
+    Flag("max-model-len", _optional_int, None, "context limit, prompt + output (default: model config)", "engine"),
+    Flag("trust-remote-code", parse_bool, False, "allow code shipped with the model", "engine"),
+    Flag("sha256-file", str, None, 'JSON {"file": "<hex>"}; every listed file is verified', "engine"),
+    Flag("host", str, "0.0.0.0", "bind address", "serve"),
+    Flag("grpc-port", int, 8001, "gRPC: autoglm.v1, KServe v2, health, reflection", "serve"),
+    Flag("http-port", int, 8000, "OpenAI HTTP API, /healthz, /readyz, /metrics", "serve"),
+    Flag("metrics-port", int, 8002, "Prometheus /metrics only (0: only on the HTTP port)", "serve"),
+    Flag("max-batch-size", int, 64, "running requests per step", "batching"),
+    Flag("max-batch-tokens", int, 8192, "tokens per step (prefill budget)", "batching"),
+    Flag("max-queue-delay-ms", float, 0.0, "how long the first waiting request may wait for company", "batching"),
+    Flag("max-queue-length", int, 1024, "waiting requests before RESOURCE_EXHAUSTED", "batching"),
+    Flag("priority-levels", int, 1, "number of priorities, 0 the most urgent", "batching"),
+    Flag("chunked-prefill", parse_bool, True, "split long prompts across steps", "batching"),
+    Flag("shutdown-grace-seconds", float, 30.0, "drain time after SIGTERM", "serve"),
+    Flag("log-format", str, "plain", "log line format", "log", ("plain", "json")),
+    Flag("log-level", str, "info", "log level", "log", ("debug", "info", "warning", "error")),
+)  # fmt: skip
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with each default taken from the environment when set there."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="autoglm-server",
+        description="Serve one LLM over gRPC (autoglm.v1, KServe v2) and OpenAI-compatible HTTP. "
+        "Every flag can also be set as the environment variable shown.",
+    )
+    for flag in FLAGS:
+        raw = env.get(flag.env)
+        kwargs: dict[str, Any] = {
+            "dest": flag.dest,
+            "help": f"{flag.help} [env {flag.env}; default {flag.default}]",
+        }
+        default = flag.default
+        if raw is not None:
+            # Converted here, not by argparse, so that a bad value names the
+            # variable the operator set rather than a flag nobody typed.
+            try:
+                default = flag.type(raw)
+            except (ValueError, argparse.ArgumentTypeError):
+                parser.error(f"{flag.env}: invalid value {raw!r}")
+            if flag.choices and default not in flag.choices:
+                parser.error(f"{flag.env}: {raw!r} is not one of {', '.join(flag.choices)}")
+        kwargs["default"] = default
+        if flag.type is parse_bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = flag.type
+            if flag.choices:
+                kwargs["choices"] = flag.choices
+            if flag.name == "model" and raw is None:
+                kwargs["required"] = True
+        parser.add_argument(f"--{flag.name}", **kwargs)
+    return parser
+
+
+def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(EngineConfig, ServeOptions) from parsed flags. Raises ValueError naming the field."""
+    from autoglm_server.app import ServeOptions
+    from autoglm_server.engine.config import BatchingConfig, EngineConfig
+
+    def pick(target: str) -> dict[str, Any]:
+        return {f.dest: getattr(args, f.dest) for f in FLAGS if f.target == target}
+
+    batching = BatchingConfig(**pick("batching"))
+    engine = EngineConfig(**pick("engine"), batching=batching)
+    serve = pick("serve")
+    options = ServeOptions(
+        host=serve["host"],
+        grpc_port=serve["grpc_port"],
+        http_port=serve["http_port"],
+        metrics_port=serve["metrics_port"],
+        shutdown_grace_s=serve["shutdown_grace_seconds"],
+    )
+    if options.shutdown_grace_s < 0:
+        raise ValueError("shutdown_grace_seconds: must be >= 0")
+    return engine, options
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log pipelines. Messages never carry prompts or outputs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # uvicorn's start-up chatter repeats once per listener; our own line says it all.
+    logging.getLogger("uvicorn.error").setLevel(max(root.level, logging.WARNING))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    try:
+        engine_config, options = build_configs(args)
+    except ValueError as exc:
+        field, _, message = str(exc).partition(": ")
+        parser.error(f"--{field.replace('_', '-')}: {message or exc}")
+    from autoglm_server.app import run_server
+
+    return run_server(engine_config, options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The AutoGLM gRPC client and the ``autoglm`` command.
+
+Works with the base install (grpcio, protobuf, pydantic): nothing on this
+path imports torch or the engine, so a client container stays small.
+
+    from autoglm_server.client import AutoGLMClient
+
+    with AutoGLMClient("localhost:8001") as client:
+        print(client.generate("Hello", max_new_tokens=16).text)
+        for chunk in client.generate_stream("Hello"):
+            print(chunk.text, end="", flush=True)
+
+``AsyncAutoGLMClient`` is the same over ``grpc.aio`` (the load generator uses
+it). Failures surface as ``grpc.RpcError`` with the server's status code.
+
+The command:
+
+    autoglm generate "Hello" --stream --max-new-tokens 32
+    autoglm health
+    autoglm info
+    autoglm bench --concurrency 8 --requests 64 --prompt-len 32 --max-new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from autoglm_server.proto.autoglm.v1 import autoglm_pb2 as pb
+from autoglm_server.proto.autoglm.v1 import autoglm_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:8001"
+_FINISH_NAMES = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORT: "abort",
+    pb.FINISH_REASON_ERROR: "error",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateResult:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # set on the last chunk only
+    prompt_tokens: int | None  # set on the last chunk only
+    completion_tokens: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDescription:
+    name: str
+    version: str
+    max_model_len: int
+    dtype: str
+    device: str
+    vocab_size: int
+    architecture: str
+
+
+def build_generate_request(
+    prompt: str | None = None,
+    *,
+    messages: Sequence[tuple[str, str]] | None = None,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    repetition_penalty: float | None = None,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    priority: int = 0,
+    ignore_eos: bool = False,
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    """A GenerateRequest; unset knobs stay unset so the server's defaults apply."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt or messages")
+    req = pb.GenerateRequest(
+        stop=list(stop), priority=priority, ignore_eos=ignore_eos, request_id=request_id
+    )
+    if prompt is not None:
+        req.prompt = prompt
+    else:
+        assert messages is not None
+        req.chat.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in messages)
+    optional: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "repetition_penalty": repetition_penalty,
+        "seed": seed,
+    }
+    for name, value in optional.items():
+        if value is not None:
+            setattr(req, name, value)
+    return req
+
+
+def _result(resp: pb.GenerateResponse) -> GenerateResult:
+    return GenerateResult(
+        request_id=resp.request_id,
+        text=resp.text,
+        token_ids=list(resp.token_ids),
+        finish_reason=_FINISH_NAMES.get(resp.finish_reason),
+        prompt_tokens=resp.usage.prompt_tokens,
+        completion_tokens=resp.usage.completion_tokens,
+        model=resp.model,
+    )
+
+
+def _chunk(resp: pb.GenerateStreamResponse) -> StreamChunk:
+    last = resp.HasField("usage")
+    return StreamChunk(
+        request_id=resp.request_id,
+        text=resp.text,
+        token_ids=list(resp.token_ids),
+        finish_reason=_FINISH_NAMES.get(resp.finish_reason),
+        prompt_tokens=resp.usage.prompt_tokens if last else None,
+        completion_tokens=resp.usage.completion_tokens if last else None,
+    )
+
+
+def _model(resp: pb.ModelInfoResponse) -> ModelDescription:
+    return ModelDescription(
+        name=resp.name,
+        version=resp.version,
+        max_model_len=resp.max_model_len,
+        dtype=resp.dtype,
+        device=resp.device,
+        vocab_size=resp.vocab_size,
+        architecture=resp.architecture,
+    )
+
+
+def _health_name(status: int) -> str:
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+
+
+class AutoGLMClient:
+    """Blocking client for autoglm.v1 and grpc.health.v1 over one channel."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None) -> None:
+        self._channel = grpc.insecure_channel(target)
+        self._stub = pb_grpc.AutoGLMStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout = timeout
+
+    def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> GenerateResult:
+        """Keyword arguments are those of :func:`build_generate_request`."""
+        req = build_generate_request(prompt, **kwargs)
+        return _result(self._stub.Generate(req, timeout=timeout or self.timeout))
+
+    def generate_stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> Iterator[StreamChunk]:
+        """Chunks as they come; leaving the loop early cancels the request on the server."""
+        req = build_generate_request(prompt, **kwargs)
+        call = self._stub.GenerateStream(req, timeout=timeout or self.timeout)
+        try:
+            for resp in call:
+                yield _chunk(resp)
+        finally:
+            call.cancel()
+
+    def tokenize(self, text: str) -> list[int]:
+        resp = self._stub.Tokenize(pb.TokenizeRequest(text=text), timeout=self.timeout)
+        return list(resp.token_ids)
+
+    def model_info(self) -> ModelDescription:
+        return _model(self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout))
+
+    def health(self, service: str = "") -> str:
+        """``SERVING`` or ``NOT_SERVING`` (or ``SERVICE_UNKNOWN``)."""
+        resp = self._health.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout or 5.0
+        )
+        return _health_name(resp.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AutoGLMClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncAutoGLMClient:
+    """The same over grpc.aio, for many concurrent requests from one thread.
+
+    ``deadline`` (seconds) is the gRPC deadline the server enforces.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.AutoGLMStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout = timeout
+
+    async def generate(
+        self, prompt: str | None = None, *, deadline: float | None = None, **kwargs: Any
+    ) -> GenerateResult:
+        req = build_generate_request(prompt, **kwargs)
+        return _result(await self._stub.Generate(req, timeout=deadline or self.timeout))
+
+    async def generate_stream(
+        self, prompt: str | None = None, *, deadline: float | None = None, **kwargs: Any
+    ) -> AsyncIterator[StreamChunk]:
+        req = build_generate_request(prompt, **kwargs)
+        call = self._stub.GenerateStream(req, timeout=deadline or self.timeout)
+        try:
+            async for resp in call:
+                yield _chunk(resp)
+        finally:
+            call.cancel()
+
+    async def tokenize(self, text: str) -> list[int]:
+        resp = await self._stub.Tokenize(pb.TokenizeRequest(text=text), timeout=self.timeout)
+        return list(resp.token_ids)
+
+    async def model_info(self) -> ModelDescription:
+        return _model(await self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout))
+
+    async def health(self, service: str = "") -> str:
+        resp = await self._health.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout or 5.0
+        )
+        return _health_name(resp.status)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncAutoGLMClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoglm", description="AutoGLM gRPC client.")
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("AUTOGLM_TARGET", DEFAULT_TARGET),
+        help="host:port of the gRPC server [env AUTOGLM_TARGET; default %(default)s]",
+    )
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as one user message")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    gen.add_argument("--json", action="store_true", help="print the whole response as JSON")
+    _add_sampling(gen)
+
+    health = sub.add_parser("health", help="gRPC health check; exit 0 only when SERVING")
+    health.add_argument("--service", default="", help='service name ("" is the whole server)')
+
+    sub.add_parser("info", help="describe the served model (JSON)")
+
+    bench = sub.add_parser("bench", help="closed-loop load test; prints one JSON line")
+    bench.add_argument("--concurrency", type=int, default=8)
+    bench.add_argument("--requests", type=int, default=64)
+    bench.add_argument("--prompt-len", type=int, default=32, help="prompt length in tokens")
+    bench.add_argument("--max-new-tokens", type=int, default=32)
+    return parser
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+        "priority": args.priority,
+        "ignore_eos": args.ignore_eos,
+    }
+
+
+def _run_generate(client: AutoGLMClient, args: argparse.Namespace) -> int:
+    kwargs = _sampling_kwargs(args)
+    if args.chat:
+        kwargs["messages"] = [("user", args.prompt)]
+        prompt = None
+    else:
+        prompt = args.prompt
+    if args.stream:
+        last: StreamChunk | None = None
+        for chunk in client.generate_stream(prompt, **kwargs):
+            if args.json:
+                print(json.dumps(asdict(chunk)), flush=True)
+            else:
+                print(chunk.text, end="", flush=True)
+            last = chunk
+        if not args.json:
+            print()
+            if last is not None:
+                print(
+                    f"[finish={last.finish_reason} prompt_tokens={last.prompt_tokens} "
+                    f"completion_tokens={last.completion_tokens}]",
+                    file=sys.stderr,
+                )
+        return 0
+    result = client.generate(prompt, **kwargs)
+    print(json.dumps(asdict(result)) if args.json else result.text)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bench":
+            from autoglm_server.loadgen import LoadSpec, run_load
+
+            spec = LoadSpec(
+                concurrency=args.concurrency,
+                requests=args.requests,
+                prompt_len=args.prompt_len,
+                max_new_tokens=args.max_new_tokens,
+            )
+            print(json.dumps(asyncio.run(run_load(args.target, spec))))
+            return 0
+        with AutoGLMClient(args.target, timeout=args.timeout) as client:
+            if args.command == "generate":
+                return _run_generate(client, args)
+            if args.command == "health":
+                status = client.health(args.service)
+                print(status)
+                return 0 if status == "SERVING" else 1
+            if args.command == "info":
+                print(json.dumps(asdict(client.model_info())))
+                return 0
+    except grpc.RpcError as exc:
+        code = exc.code().name if hasattr(exc, "code") else "UNKNOWN"
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"autoglm: {code}: {details}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""What the three front ends (autoglm.v1, KServe v2, OpenAI HTTP) share.
+
+- :class:`ServerState`: one lifecycle for the whole process. gRPC health,
+  ``/readyz`` and admission all read it, so a SIGTERM flips all three at the
+  same instant: readiness first, then no new work, then a drain.
+- :class:`GenerationStream`: wraps ``AsyncEngine.generate()`` so that leaving
+  early for any reason (client cancel, deadline, disconnect, error) aborts the
+  engine request and frees its batch slot.
+- :func:`collect`: the unary form of a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from autoglm_server.engine.api import (
+    AsyncEngine,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    Usage,
+)
+from autoglm_server.errors import (
+    AutoGLMError,
+    InvalidRequestError,
+    UnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"  # servers up, model loading: live, not ready
+    SERVING = "serving"  # ready; requests admitted
+    DRAINING = "draining"  # SIGTERM seen: not ready, in-flight requests finish
+    STOPPED = "stopped"  # drained or failed; the process is exiting
+
+
+class ServerState:
+    """Readiness and admission for every front end.
+
+    Admission is counted here, not in the engine, because draining is about
+    requests a client is still waiting on: a stream counts from admission
+    until its last byte is handed to the transport.
+    """
+
+    def __init__(self) -> None:
+        self._phase = Phase.STARTING
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._listeners: list[Callable[[Phase], None]] = []
+        self.engine: AsyncEngine | None = None
+        # Counts requests refused by a front end (see record_rejection).
+        self.on_rejected: Callable[[str], None] | None = None
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def is_ready(self) -> bool:
+        return self._phase is Phase.SERVING and self.engine is not None and self.engine.is_ready()
+
+    def add_listener(self, listener: Callable[[Phase], None]) -> None:
+        """Called on every phase change (e.g. to update gRPC health)."""
+        self._listeners.append(listener)
+
+    def set_phase(self, phase: Phase) -> None:
+        if phase is self._phase:
+            return
+        logger.info("server phase %s -> %s", self._phase.value, phase.value)
+        self._phase = phase
+        for listener in self._listeners:
+            listener(phase)
+
+    def require_engine(self) -> AsyncEngine:
+        """The engine for metadata calls; UNAVAILABLE while it is still loading."""
+        if self.engine is None:
+            raise UnavailableError("the model is still loading")
+        return self.engine
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[AsyncEngine]:
+        """Admit one generation request, or refuse it with UnavailableError.
+
+        Refusal happens before any response bytes, so a client can retry on
+        another replica knowing nothing was generated.
+        """
+        if not self.is_ready() or self.engine is None:
+            reason = {
+                Phase.STARTING: "the model is still loading",
+                Phase.DRAINING: "the server is shutting down",
+                Phase.STOPPED: "the server is shutting down",
+            }.get(self._phase, "the engine is not ready")
+            raise UnavailableError(reason)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield self.engine
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    def record_rejection(self, exc: BaseException) -> None:
+        """Count a request the front end refused before the engine saw it.
+
+        The engine counts its own refusals and every request it admitted, so
+        only errors raised here (validation, not ready, draining) are
+        counted, and each request lands in ``autoglm_requests_total`` once.
+        """
+        if self.on_rejected is None or getattr(exc, _FROM_ENGINE, False):
+            return
+        if isinstance(exc, InvalidRequestError | UnavailableError):
+            self.on_rejected(exc.grpc_code)
+
+    async def wait_idle(self, limit_s: float) -> bool:
+        """Wait until no admitted request is left; False if ``limit_s`` ran out first."""
+        try:
+            async with asyncio.timeout(max(limit_s, 0.0)):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+_FROM_ENGINE = "_autoglm_from_engine"
+
+
+def _mark_from_engine(exc: AutoGLMError) -> None:
+    setattr(exc, _FROM_ENGINE, True)
+
+
+def new_request_id() -> str:
+    """Engine request ids are always server-made, so two clients reusing one id can't collide."""
+    return uuid.uuid4().hex
+
+
+class GenerationStream:
+    """The deltas of one engine request; ``aclose()`` aborts it unless it finished.
+
+    Use as ``async with GenerationStream(engine, request) as stream: async for d in stream``.
+    Exiting the block by any route (return, exception, cancellation) closes the
+    engine iterator, which the AsyncEngine contract defines as an abort.
+    """
+
+    def __init__(self, engine: AsyncEngine, request: GenerationRequest) -> None:
+        self._engine = engine
+        self.request = request
+        try:
+            self._it: AsyncIterator[GenerationDelta] = engine.generate(request)
+        except AutoGLMError as exc:
+            _mark_from_engine(exc)
+            raise
+        self.finished = False
+        self._closed = False
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> GenerationDelta:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            delta = await anext(self._it)
+        except AutoGLMError as exc:
+            _mark_from_engine(exc)
+            raise
+        if delta.finish_reason is not None:
+            self.finished = True
+        return delta
+
+    async def __aenter__(self) -> GenerationStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self.finished:
+            logger.debug("aborting request %s", self.request.request_id)
+        closer = getattr(self._it, "aclose", None)
+        try:
+            if closer is not None:
+                await closer()
+            if not self.finished:
+                # Closing is the contract's abort; the explicit call covers
+                # iterators that are not async generators.
+                await self._engine.abort(self.request.request_id)
+        except Exception:
+            logger.exception("abort of request %s failed", self.request.request_id)
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole generation, for the unary APIs."""
+
+    request_id: str
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+async def collect(stream: AsyncIterator[GenerationDelta], request_id: str) -> Completion:
+    """Concatenate a stream's deltas."""
+    parts: list[str] = []
+    out = Completion(request_id=request_id, text="")
+    async for delta in stream:
+        parts.append(delta.text)
+        out.token_ids.extend(delta.token_ids)
+        if delta.finish_reason is not None:
+            out.finish_reason = delta.finish_reason
+            out.usage = delta.usage
+    out.text = "".join(parts)
+    return out
+
+
+def usage_or_count(completion: Completion, prompt_tokens: int) -> Usage:
+    """The engine's usage, or one counted here if the engine sent none."""
+    if completion.usage is not None:
+        return completion.usage
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=len(completion.token_ids))

@@ -1,0 +1,144 @@
+"""Real server processes for the integration tests (the fixtures are in conftest.py).
+
+``python -m autoglm_server`` runs as a subprocess on free loopback ports, with
+a tiny random GLM-4 model (``autoglm_server.testing.build_tiny_model``) built
+once per session. Tests talk to it over gRPC and HTTP only. Every wait polls
+with a deadline; a server that misbehaves fails the test with its log tail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+START_LIMIT_S = 120.0  # torch import + load + warm-up on two busy cores
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """One ``autoglm-server`` subprocess and the ways tests look at it."""
+
+    def __init__(self, model: Path, workdir: Path, *args: str) -> None:
+        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.log_path = workdir / f"server-{self.grpc_port}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "autoglm_server",
+            "--model", str(model),
+            "--device", "cpu",
+            "--host", "127.0.0.1",
+            "--grpc-port", str(self.grpc_port),
+            "--http-port", str(self.http_port),
+            "--metrics-port", str(self.metrics_port),
+            *args,
+        ]  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONSAFEPATH": "1",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env=env
+        )
+        self.channel = grpc.insecure_channel(self.target)
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=30)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self, service: str = "") -> str | None:
+        """SERVING / NOT_SERVING, or None while nothing answers."""
+        try:
+            resp = health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=2
+            )
+        except grpc.RpcError:
+            return None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+    def wait_serving(self, limit_s: float = START_LIMIT_S) -> None:
+        deadline = time.monotonic() + limit_s
+        while self.health() != "SERVING":
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not SERVING after {limit_s} s:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+
+    def metrics(
+        self, port: int | None = None
+    ) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """Every sample of /metrics, keyed by (name, labels)."""
+        resp = httpx.get(f"http://127.0.0.1:{port or self.http_port}/metrics", timeout=10)
+        resp.raise_for_status()
+        out = {}
+        for family in text_string_to_metric_families(resp.text):
+            for sample in family.samples:
+                out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        return out
+
+    def metric(self, name: str, default: float | None = None, **labels: str) -> float:
+        """One sample's value (labels beyond model/version must be given).
+
+        ``default`` is returned when the series does not exist yet (a counter
+        with a label value nothing has used); otherwise a missing series fails.
+        """
+        matches = [
+            value
+            for (n, lbls), value in self.metrics().items()
+            if n == name and set(labels.items()) <= set(lbls)
+        ]
+        if not matches and default is not None:
+            return default
+        assert len(matches) == 1, f"{name}{labels}: {len(matches)} samples"
+        return matches[0]
+
+    def wait_metric(self, name: str, want: float, limit_s: float = 10.0) -> None:
+        deadline = time.monotonic() + limit_s
+        while (value := self.metric(name)) != want:
+            assert time.monotonic() < deadline, f"{name} is {value}, wanted {want}"
+            time.sleep(0.02)
+
+    def stop(self, limit_s: float = 60.0) -> int:
+        """SIGTERM and wait; kill (and fail) if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            pytest.fail(f"server ignored SIGTERM for {limit_s} s:\n{self.log()[-3000:]}")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+        self.http.close()
+        self._log.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)

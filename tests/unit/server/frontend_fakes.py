@@ -1,0 +1,113 @@
+"""A scriptable fake of ``AsyncEngine`` for the front-end unit tests.
+
+It honours the contract the real engine does (admission errors raised by
+``generate()`` itself, closing the stream aborts) and records what the front
+ends did with it: which requests arrived, with which parameters, and which
+were aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from autoglm_server.engine.api import (
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    ModelInfo,
+    Usage,
+)
+from autoglm_server.errors import InvalidRequestError
+
+
+class FakeStream(AsyncIterator[GenerationDelta]):
+    def __init__(self, engine: FakeEngine, request: GenerationRequest) -> None:
+        self._engine = engine
+        self._request = request
+        self._sent = 0
+        self._done = False
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> GenerationDelta:
+        if self._done:
+            raise StopAsyncIteration
+        if self._engine.fail_mid_stream is not None and self._sent == 1:
+            self._done = True
+            raise self._engine.fail_mid_stream
+        if self._engine.step_s:
+            await asyncio.sleep(self._engine.step_s)
+        self._sent += 1
+        n = self._request.params.max_new_tokens
+        last = self._sent >= n
+        if last:
+            self._engine.running.discard(self._request.request_id)
+        delta = GenerationDelta(
+            request_id=self._request.request_id,
+            text=self._engine.token_text,
+            token_ids=[self._sent],
+        )
+        if last:
+            self._done = True
+            delta.finish_reason = FinishReason.LENGTH
+            delta.usage = Usage(len(self._request.prompt_token_ids), n)
+        return delta
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine.aborted.append(self._request.request_id)
+            self._engine.running.discard(self._request.request_id)
+
+
+class FakeEngine:
+    """Emits ``max_new_tokens`` deltas of ``token_text``, one per ``step_s``."""
+
+    def __init__(self, *, step_s: float = 0.0, max_model_len: int = 64) -> None:
+        self.step_s = step_s
+        self.token_text = "x"
+        self.ready = True
+        self.admission_error: BaseException | None = None
+        self.fail_mid_stream: BaseException | None = None
+        self.requests: list[GenerationRequest] = []
+        self.aborted: list[str] = []
+        self.running: set[str] = set()
+        self.info = ModelInfo(
+            name="fake",
+            version="v1",
+            max_model_len=max_model_len,
+            dtype="float32",
+            device="cpu",
+            vocab_size=256,
+            architecture="FakeForCausalLM",
+        )
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self.info
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+        return self.tokenize(text)
+
+    def generate(self, request: GenerationRequest) -> FakeStream:
+        if self.admission_error is not None:
+            raise self.admission_error
+        if request.priority >= 2:
+            raise InvalidRequestError("priority", "must be in [0, 2)")
+        self.requests.append(request)
+        self.running.add(request.request_id)
+        return FakeStream(self, request)
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self.running:
+            self.running.discard(request_id)
+            self.aborted.append(request_id)
