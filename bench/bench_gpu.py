@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""GPU benchmark for the performance.md workloads ("glm9b-512-128", "llama8b-512-128").
+
+One run, on one CUDA device:
+
+1. builds the model from its config directly on the GPU (random bf16 weights,
+   the same speed as real ones) with a word-level tokenizer covering the whole
+   vocabulary, and saves it to a scratch directory so the server loads it
+   through the real loader;
+2. **engine**: the engine alone (``LLMEngine`` in this process, no gRPC):
+   64 requests of 512 random prompt tokens and exactly 128 new tokens;
+3. **server**: ``autoglm-server`` as a process, driven over gRPC streaming at
+   concurrency 1, 8 and 64 with the same prompt and output lengths
+   (``bench_serving``'s load generator);
+4. prints one JSON line and writes it to ``--out`` with the device, commit,
+   workload and configuration; ``server_over_engine`` is the fraction of the
+   engine's own throughput the gRPC server delivers at concurrency 64.
+
+Needs torch with CUDA, transformers, grpcio, pydantic and prometheus-client;
+nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_serving
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # for checking this script on a CPU before spending GPU time
+    "tiny": {
+        "arch": "Glm4ForCausalLM",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 128,
+        "vocab_size": 1000,
+    },
+    "glm9b": {
+        "arch": "Glm4ForCausalLM",
+        "hidden_size": 4096,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 2,
+        "head_dim": 128,
+        "intermediate_size": 13696,
+        "vocab_size": 151552,
+    },
+    "llama8b": {
+        "arch": "LlamaForCausalLM",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 14336,
+        "vocab_size": 128256,
+    },
+}
+
+
+def build_model(shape: str, out: Path, device: str) -> Path:
+    """Random bf16 weights built on the GPU, saved with a full-vocabulary tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, Glm4Config, LlamaConfig, PreTrainedTokenizerFast
+
+    spec = dict(SHAPES[shape])
+    arch = spec.pop("arch")
+    config_cls = Glm4Config if arch == "Glm4ForCausalLM" else LlamaConfig
+    config = config_cls(
+        **spec, max_position_embeddings=8192, eos_token_id=1, pad_token_id=0, bos_token_id=None
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    vocab.update({f"w{i}": i for i in range(3, spec["vocab_size"])})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.save_pretrained(out)
+    return out
+
+
+async def engine_throughput(
+    model: Path, device: str, requests: int, prompt_len: int, new_tokens: int
+) -> dict[str, Any]:
+    from autoglm_server.engine.api import GenerationRequest, SamplingParams
+    from autoglm_server.engine.config import BatchingConfig, EngineConfig
+    from autoglm_server.engine.engine import build_engine
+
+    engine = build_engine(
+        EngineConfig(
+            model=str(model),
+            dtype="bfloat16",
+            device=device,
+            max_model_len=prompt_len + new_tokens + 64,
+            batching=BatchingConfig(max_batch_size=requests, max_batch_tokens=8192),
+        )
+    )
+    await engine.start()
+    rng = random.Random(0)
+    vocab = engine.model_info.vocab_size
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(i: int) -> tuple[int, float | None]:
+        req = GenerationRequest(
+            request_id=f"b{i}",
+            prompt_token_ids=[rng.randrange(3, vocab) for _ in range(prompt_len)],
+            params=params,
+        )
+        start = time.perf_counter()
+        first: float | None = None
+        n = 0
+        async for delta in engine.generate(req):
+            if delta.token_ids and first is None:
+                first = time.perf_counter() - start
+            n += len(delta.token_ids)
+        return n, first
+
+    try:
+        await asyncio.gather(*(one(-i - 1) for i in range(8)))  # warm-up
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(i) for i in range(requests)))
+        elapsed = time.perf_counter() - start
+    finally:
+        await engine.shutdown(grace_s=1)
+    tokens = sum(n for n, _ in results)
+    ttfts = sorted(t for _, t in results if t is not None)
+    return {
+        "requests": requests,
+        "output_tokens": tokens,
+        "duration_s": elapsed,
+        "output_tok_per_s": tokens / elapsed,
+        "ttft_p50_s": ttfts[len(ttfts) // 2],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="glm9b")
+    parser.add_argument("--concurrency", default="1,8,64")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--requests-per-slot", type=int, default=2)
+    parser.add_argument(
+        "--device", default="cuda", help="cuda; cpu only to check the script with --shape tiny"
+    )
+    parser.add_argument(
+        "--scratch", default=None, help="where the model is written (default: a temp dir)"
+    )
+    parser.add_argument("--out", default=str(bench_serving.ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="autoglm-gpu-bench-"))
+    t0 = time.perf_counter()
+    model = build_model(args.shape, scratch / args.shape, args.device)
+    build_s = time.perf_counter() - t0
+    print(f"model built and saved in {build_s:.0f}s", flush=True)
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    top = max(levels)
+    engine = asyncio.run(
+        engine_throughput(model, args.device, top, args.prompt_len, args.max_new_tokens)
+    )
+    print(f"engine: {engine['output_tok_per_s']:.0f} tok/s", flush=True)
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+
+    server_args = ["--device", args.device, "--dtype", "bfloat16", "--max-model-len", str(args.prompt_len + args.max_new_tokens + 64),
+                   "--max-batch-size", str(top)]  # fmt: skip
+    sweep: dict[str, Any] = {}
+    with (
+        tempfile.TemporaryDirectory() as logs,
+        bench_serving.serving(model, server_args, Path(logs), "gpu") as target,
+    ):
+        for c in levels:
+            spec = bench_serving.LoadSpec(
+                concurrency=c,
+                requests=c * args.requests_per_slot,
+                prompt_len=args.prompt_len,
+                max_new_tokens=args.max_new_tokens,
+            )
+            sweep[str(c)] = asyncio.run(bench_serving._measure(target, spec, warmup=min(c, 8)))
+            print(f"server c={c}: {sweep[str(c)]['output_tok_per_s']:.0f} tok/s", flush=True)
+        info = bench_serving._model_info(target)
+
+    result = {
+        "benchmark": "bench_gpu",
+        "workload": f"{args.shape}-{args.prompt_len}-{args.max_new_tokens}",
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git": bench_serving._git(),
+        "device": {
+            **bench_serving._device(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "ran_on": args.device,
+        },
+        "model": {"shape": SHAPES[args.shape], "dtype": "bfloat16", "info": info},
+        "config": {"server_args": server_args, "requests_per_slot": args.requests_per_slot},
+        "engine": engine,
+        "sweep": sweep,
+        "server_over_engine": sweep[str(top)]["output_tok_per_s"] / engine["output_tok_per_s"],
+        "model_build_s": build_s,
+    }
+    line = json.dumps(result)
+    print(line)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    (out / f"bench_gpu-{args.shape}-{stamp}.json").write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
