@@ -197,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     server_args = ["--device", args.device, "--dtype", "bfloat16", "--max-model-len", str(args.prompt_len + args.max_new_tokens + 64),
                    "--max-batch-size", str(top)]  # fmt: skip
     sweep: dict[str, Any] = {}
-    with (
-        tempfile.TemporaryDirectory() as logs,
-        bench_serving.serving(model, server_args, Path(logs), "gpu") as target,
-    ):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # The server's log goes next to the results, so a failed start can be read.
+    with bench_serving.serving(model, server_args, out.resolve(), f"server-{args.shape}") as target:
         for c in levels:
             spec = bench_serving.LoadSpec(
                 concurrency=c,
@@ -232,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     line = json.dumps(result)
     print(line)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     (out / f"bench_gpu-{args.shape}-{stamp}.json").write_text(line + "\n")
     return 0

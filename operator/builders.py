@@ -1,0 +1,507 @@
+"""Desired child manifests, built from the spec: pure and deterministic.
+
+Every ``build_*`` function takes the parsed spec and the owner's identity and
+returns plain dicts ready for server-side apply. They read no clock, no API and
+no randomness, so building twice gives equal output (tested), and a spec change
+is the only thing that changes a manifest.
+
+The manifests are written in the form the API server stores (quantities as
+given, explicit ``protocol: TCP``), so comparing them with the live objects'
+owned fields finds no difference when nothing changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .spec import (
+    API_VERSION,
+    KIND,
+    AutoGLMDeploymentSpec,
+    AutoscalingTarget,
+    compute_model_version,
+    parse_source,
+)
+
+Manifest = dict[str, Any]
+
+APP_NAME = "autoglm"
+COMPONENT = "server"
+MANAGED_BY = "autoglm-operator"
+CONTAINER_NAME = "server"
+ANNOTATION_PREFIX = "serving.autoglm.io"
+CHECKSUM_ANNOTATION = f"{ANNOTATION_PREFIX}/config-checksum"
+REVISION_ANNOTATION = f"{ANNOTATION_PREFIX}/model-version"
+RUN_AS_USER = 10001
+HF_HOME = "/var/cache/huggingface"
+MODELS_MOUNT = "/models"
+DIGESTS_MOUNT = "/etc/autoglm/digests"
+DIGESTS_FILE = "sha256.json"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+TERMINATION_GRACE_EXTRA_SECONDS = 15
+
+# autoscaling target type -> the Pods metric name the HPA reads (docs/architecture.md)
+TARGET_METRICS: dict[str, str] = {
+    "gpuUtilization": "autoglm_gpu_utilization_percent",
+    "requestsPerSecond": "autoglm_requests_per_second",
+    "queueDepth": "autoglm_queue_depth",
+    "timeToFirstTokenP95": "autoglm_time_to_first_token_p95_seconds",
+}
+DCGM_GPU_UTIL_METRIC = "DCGM_FI_DEV_GPU_UTIL"
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Identity of the AutoGLMDeployment that owns the children."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+# ---- names, labels, references ---------------------------------------------
+
+
+def build_selector_labels(owner: Owner) -> dict[str, str]:
+    """The pod selector: stable for the life of the object (selectors are immutable)."""
+    return {
+        "app.kubernetes.io/component": COMPONENT,
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/name": APP_NAME,
+    }
+
+
+def build_labels(owner: Owner) -> dict[str, str]:
+    """The ``app.kubernetes.io/*`` labels on every child."""
+    return {
+        **build_selector_labels(owner),
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/part-of": APP_NAME,
+    }
+
+
+def build_selector_string(owner: Owner) -> str:
+    """The selector as a string, for ``status.selector`` (the scale subresource)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(build_selector_labels(owner).items()))
+
+
+def build_owner_reference(owner: Owner) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": owner.name,
+        "uid": owner.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def build_metadata(
+    owner: Owner, name: str, annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": owner.namespace,
+        "labels": build_labels(owner),
+        "ownerReferences": [build_owner_reference(owner)],
+    }
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+def headless_service_name(owner: Owner) -> str:
+    return f"{owner.name}-headless"
+
+
+def digests_configmap_name(owner: Owner) -> str:
+    return f"{owner.name}-model-digests"
+
+
+def build_scrape_annotations(spec: AutoGLMDeploymentSpec) -> dict[str, str]:
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(spec.server.metrics_port),
+        "prometheus.io/path": "/metrics",
+    }
+
+
+# ---- config checksum ---------------------------------------------------------
+
+
+def compute_config_checksum(spec: AutoGLMDeploymentSpec) -> str:
+    """SHA-256 of the model and server config: a change rolls the pods."""
+    payload = {
+        "model": spec.model.model_dump(mode="json", by_alias=True),
+        "server": spec.server.model_dump(mode="json", by_alias=True),
+    }
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def build_digests_json(spec: AutoGLMDeploymentSpec) -> str:
+    return (
+        json.dumps(dict(sorted((spec.model.sha256 or {}).items())), indent=2, sort_keys=True) + "\n"
+    )
+
+
+# ---- the Deployment ------------------------------------------------------------
+
+
+def build_env(spec: AutoGLMDeploymentSpec, owner: Owner) -> list[dict[str, str]]:
+    """The server's environment: the contract in docs/architecture.md."""
+    model, server, batching = spec.model, spec.server, spec.server.batching
+    source = parse_source(model.source)
+    if source.scheme == "pvc":
+        model_path = f"{MODELS_MOUNT}/{source.path}" if source.path else MODELS_MOUNT
+    else:
+        model_path = model.source  # hf://... (resolved by the server) or an absolute path
+    env: list[tuple[str, str]] = [
+        ("AUTOGLM_MODEL", model_path),
+        ("AUTOGLM_SERVED_MODEL_NAME", model.served_name or owner.name),
+        ("AUTOGLM_MODEL_VERSION", compute_model_version(model)),
+        ("AUTOGLM_DTYPE", model.dtype),
+        ("AUTOGLM_DEVICE", "cuda"),
+        ("AUTOGLM_TRUST_REMOTE_CODE", "true" if model.trust_remote_code else "false"),
+        ("AUTOGLM_HOST", "0.0.0.0"),
+        ("AUTOGLM_GRPC_PORT", str(server.grpc_port)),
+        ("AUTOGLM_HTTP_PORT", str(server.http_port)),
+        ("AUTOGLM_METRICS_PORT", str(server.metrics_port)),
+        ("AUTOGLM_MAX_BATCH_SIZE", str(batching.max_batch_size)),
+        ("AUTOGLM_MAX_BATCH_TOKENS", str(batching.max_batch_tokens)),
+        ("AUTOGLM_MAX_QUEUE_DELAY_MS", str(batching.max_queue_delay_ms)),
+        ("AUTOGLM_MAX_QUEUE_LENGTH", str(batching.max_queue_length)),
+        ("AUTOGLM_PRIORITY_LEVELS", str(batching.priority_levels)),
+        ("AUTOGLM_SHUTDOWN_GRACE_SECONDS", str(server.shutdown_grace_seconds)),
+    ]
+    if model.max_model_len is not None:
+        env.append(("AUTOGLM_MAX_MODEL_LEN", str(model.max_model_len)))
+    if model.sha256:
+        env.append(("AUTOGLM_SHA256_FILE", f"{DIGESTS_MOUNT}/{DIGESTS_FILE}"))
+    if source.scheme == "hf":
+        env.append(("HF_HOME", HF_HOME))
+        env.append(("HF_HUB_OFFLINE", "1"))
+    return [{"name": k, "value": v} for k, v in env]
+
+
+def build_volumes(
+    spec: AutoGLMDeploymentSpec, owner: Owner
+) -> tuple[list[Manifest], list[Manifest]]:
+    """(volumes, volumeMounts): /dev/shm, /tmp, the model and the digests."""
+    source = parse_source(spec.model.source)
+    volumes: list[Manifest] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shm_size}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[Manifest] = [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if source.scheme == "hf":
+        claim = spec.model.hf_cache_claim
+        if claim is not None:
+            volumes.append(
+                {
+                    "name": "hf-cache",
+                    "persistentVolumeClaim": {"claimName": claim, "readOnly": True},
+                }
+            )
+            mounts.append({"name": "hf-cache", "mountPath": HF_HOME, "readOnly": True})
+        else:
+            volumes.append({"name": "hf-cache", "emptyDir": {}})
+            mounts.append({"name": "hf-cache", "mountPath": HF_HOME})
+    elif source.scheme == "pvc":
+        assert source.claim is not None
+        volumes.append(
+            {
+                "name": "model",
+                "persistentVolumeClaim": {"claimName": source.claim, "readOnly": True},
+            }
+        )
+        mounts.append({"name": "model", "mountPath": MODELS_MOUNT, "readOnly": True})
+    if spec.model.sha256:
+        volumes.append(
+            {"name": "model-digests", "configMap": {"name": digests_configmap_name(owner)}}
+        )
+        mounts.append({"name": "model-digests", "mountPath": DIGESTS_MOUNT, "readOnly": True})
+    return volumes, mounts
+
+
+def build_tolerations(spec: AutoGLMDeploymentSpec) -> list[Manifest]:
+    tolerations: list[Manifest] = [
+        {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    for t in spec.resources.tolerations:
+        tolerations.append(t.model_dump(mode="json", by_alias=True, exclude_none=True))
+    return tolerations
+
+
+def build_probes(spec: AutoGLMDeploymentSpec) -> dict[str, Manifest]:
+    """Native gRPC probes against grpc.health.v1 on the gRPC port."""
+    port = spec.server.grpc_port
+    return {
+        # Loading and warming a large model takes minutes: up to 30 min here.
+        "startupProbe": {"grpc": {"port": port}, "periodSeconds": 10, "failureThreshold": 180},
+        "livenessProbe": {
+            "grpc": {"port": port},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+        "readinessProbe": {
+            "grpc": {"port": port, "service": "autoglm.v1.AutoGLM"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+    }
+
+
+def compute_fixed_replicas(spec: AutoGLMDeploymentSpec) -> int | None:
+    """Replicas the Deployment is given, or None when an HPA owns the field."""
+    if spec.autoscaling is None:
+        return spec.replicas
+    if spec.autoscaling.targets:
+        return None
+    return spec.autoscaling.min_replicas  # min == max, nothing to scale on
+
+
+def compute_min_replicas(spec: AutoGLMDeploymentSpec) -> int:
+    """The fewest replicas the spec asks for (decides the PodDisruptionBudget)."""
+    return spec.autoscaling.min_replicas if spec.autoscaling is not None else spec.replicas
+
+
+def build_deployment(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest:
+    server, res = spec.server, spec.resources
+    volumes, mounts = build_volumes(spec, owner)
+    container: Manifest = {
+        "name": CONTAINER_NAME,
+        "image": server.image,
+        "imagePullPolicy": server.image_pull_policy,
+        "ports": [
+            {"name": "grpc", "containerPort": server.grpc_port, "protocol": "TCP"},
+            {"name": "http", "containerPort": server.http_port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": server.metrics_port, "protocol": "TCP"},
+        ],
+        "env": build_env(spec, owner),
+        "resources": {
+            "requests": {"cpu": res.cpu, "memory": res.memory, GPU_RESOURCE: str(res.gpus)},
+            "limits": {"memory": res.memory, GPU_RESOURCE: str(res.gpus)},
+        },
+        "volumeMounts": mounts,
+        **build_probes(spec),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec: Manifest = {
+        "containers": [container],
+        "volumes": volumes,
+        "tolerations": build_tolerations(spec),
+        "terminationGracePeriodSeconds": server.shutdown_grace_seconds
+        + TERMINATION_GRACE_EXTRA_SECONDS,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    if res.gpu_product is not None:
+        pod_spec["nodeSelector"] = {GPU_PRODUCT_LABEL: res.gpu_product}
+    template_annotations = {
+        CHECKSUM_ANNOTATION: compute_config_checksum(spec),
+        REVISION_ANNOTATION: compute_model_version(spec.model),
+        **build_scrape_annotations(spec),
+    }
+    deployment_spec: Manifest = {
+        "selector": {"matchLabels": build_selector_labels(owner)},
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+        },
+        "revisionHistoryLimit": 3,
+        # Model loading is slow: give a rollout half an hour before it counts as stuck.
+        "progressDeadlineSeconds": 1800,
+        "template": {
+            "metadata": {"labels": build_labels(owner), "annotations": template_annotations},
+            "spec": pod_spec,
+        },
+    }
+    replicas = compute_fixed_replicas(spec)
+    if replicas is not None:
+        deployment_spec = {"replicas": replicas, **deployment_spec}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": build_metadata(owner, owner.name),
+        "spec": deployment_spec,
+    }
+
+
+# ---- Services ------------------------------------------------------------------
+
+
+def build_service_ports(spec: AutoGLMDeploymentSpec, *, with_metrics: bool) -> list[Manifest]:
+    server = spec.server
+    ports: list[Manifest] = [
+        {
+            "name": "grpc",
+            "port": server.grpc_port,
+            "targetPort": "grpc",
+            "protocol": "TCP",
+            "appProtocol": "grpc",
+        },
+        {
+            "name": "http",
+            "port": server.http_port,
+            "targetPort": "http",
+            "protocol": "TCP",
+            "appProtocol": "http",
+        },
+    ]
+    if with_metrics:
+        ports.append(
+            {
+                "name": "metrics",
+                "port": server.metrics_port,
+                "targetPort": "metrics",
+                "protocol": "TCP",
+                "appProtocol": "http",
+            }
+        )
+    return ports
+
+
+def build_service(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest:
+    """The model's gRPC/HTTP/metrics Service, with Prometheus scrape annotations."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": build_metadata(owner, owner.name, build_scrape_annotations(spec)),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": build_selector_labels(owner),
+            "ports": build_service_ports(spec, with_metrics=True),
+        },
+    }
+
+
+def build_headless_service(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest:
+    """A headless Service: DNS returns every ready pod, so gRPC clients can use round_robin."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": build_metadata(owner, headless_service_name(owner)),
+        "spec": {
+            "clusterIP": "None",
+            "selector": build_selector_labels(owner),
+            "ports": build_service_ports(spec, with_metrics=False),
+        },
+    }
+
+
+# ---- autoscaling and disruption ------------------------------------------------
+
+
+def build_hpa_metric(target: AutoscalingTarget) -> Manifest:
+    name = TARGET_METRICS[target.type]
+    if target.type == "gpuUtilization" and target.source == "dcgm":
+        name = DCGM_GPU_UTIL_METRIC
+    return {
+        "type": "Pods",
+        "pods": {
+            "metric": {"name": name},
+            "target": {"type": "AverageValue", "averageValue": target.average_value},
+        },
+    }
+
+
+def build_hpa(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest | None:
+    """An autoscaling/v2 HPA on the server's Pods metrics, or None without targets."""
+    auto = spec.autoscaling
+    if auto is None or not auto.targets:
+        return None
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": build_metadata(owner, owner.name),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
+            "minReplicas": auto.min_replicas,
+            "maxReplicas": auto.max_replicas,
+            "metrics": [build_hpa_metric(t) for t in auto.targets],
+            "behavior": {
+                "scaleDown": {"stabilizationWindowSeconds": auto.scale_down_stabilization_seconds}
+            },
+        },
+    }
+
+
+def build_pdb(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest | None:
+    """A PodDisruptionBudget (one pod down at a time) when more than one replica is asked for."""
+    if compute_min_replicas(spec) <= 1:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": build_metadata(owner, owner.name),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": build_selector_labels(owner)}},
+    }
+
+
+def build_digests_configmap(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest | None:
+    """The expected SHA-256 digests as the JSON file the server reads, or None without digests."""
+    if not spec.model.sha256:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": build_metadata(owner, digests_configmap_name(owner)),
+        "data": {DIGESTS_FILE: build_digests_json(spec)},
+    }
+
+
+# ---- everything ------------------------------------------------------------------
+
+# Every child kind the operator may own, as (apiVersion, kind, name function).
+# Children of these kinds that the spec no longer asks for are deleted.
+OPTIONAL_CHILDREN: tuple[tuple[str, str], ...] = (
+    ("v1", "ConfigMap"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("policy/v1", "PodDisruptionBudget"),
+)
+
+
+def build_children(spec: AutoGLMDeploymentSpec, owner: Owner) -> list[Manifest]:
+    """All desired children in apply order (the ConfigMap before the pods that mount it)."""
+    children = [
+        build_digests_configmap(spec, owner),
+        build_deployment(spec, owner),
+        build_service(spec, owner),
+        build_headless_service(spec, owner),
+        build_hpa(spec, owner),
+        build_pdb(spec, owner),
+    ]
+    return [c for c in children if c is not None]
+
+
+def plan_deletions(spec: AutoGLMDeploymentSpec, owner: Owner) -> list[tuple[str, str, str]]:
+    """Optional children the spec does not ask for: (apiVersion, kind, name) to delete if present."""
+    wanted = {(c["apiVersion"], c["kind"]) for c in build_children(spec, owner)}
+    names = {
+        "ConfigMap": digests_configmap_name(owner),
+        "HorizontalPodAutoscaler": owner.name,
+        "PodDisruptionBudget": owner.name,
+    }
+    return [(av, kind, names[kind]) for av, kind in OPTIONAL_CHILDREN if (av, kind) not in wanted]

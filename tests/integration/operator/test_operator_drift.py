@@ -1,0 +1,157 @@
+"""Drift is repaired within one timer period, and a no-op reconcile writes nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from operator_helpers import Kube, OperatorProcess, agd, load_example, wait_for
+
+pytestmark = pytest.mark.k8s
+
+# A spec with every child kind: digests ConfigMap, Deployment, two Services, HPA, PDB.
+FULL_SPEC: dict[str, Any] = {
+    "model": {
+        "source": "hf://THUDM/glm-4-9b-chat-hf@main",
+        "sha256": {"model.safetensors": "a" * 64},
+    },
+    "autoscaling": {
+        "minReplicas": 2,
+        "maxReplicas": 4,
+        "targets": [{"type": "gpuUtilization", "averageValue": "70"}],
+    },
+}
+
+# kind, name suffix, a hand edit (merge patch) of a field the operator owns, and how to read it back
+EDITS: list[tuple[str, str, dict[str, Any], Any]] = [
+    (
+        "deployment",
+        "",
+        {
+            "spec": {
+                "template": {"spec": {"containers": [{"name": "server", "image": "evil:latest"}]}}
+            }
+        },
+        lambda o: o["spec"]["template"]["spec"]["containers"][0]["image"],
+    ),
+    (
+        "service",
+        "",
+        {"metadata": {"labels": {"app.kubernetes.io/part-of": "hacked"}}},
+        lambda o: o["metadata"]["labels"]["app.kubernetes.io/part-of"],
+    ),
+    (
+        "service",
+        "-headless",
+        {"spec": {"ports": [{"port": 8001, "name": "grpc", "targetPort": 9999}]}},
+        lambda o: o["spec"]["ports"],
+    ),
+    ("configmap", "-model-digests", {"data": {"sha256.json": "{}"}}, lambda o: o["data"]),
+    ("hpa", "", {"spec": {"maxReplicas": 9}}, lambda o: o["spec"]["maxReplicas"]),
+    ("pdb", "", {"spec": {"maxUnavailable": 2}}, lambda o: o["spec"]["maxUnavailable"]),
+]
+
+
+def repair_deadline(op: OperatorProcess) -> float:
+    # One timer period, plus the time a reconcile and kubectl take.
+    return op.resync_seconds + 10
+
+
+@pytest.fixture
+def full(op: OperatorProcess, kube: Kube) -> str:
+    assert kube.apply(agd("full", FULL_SPEC)).returncode == 0
+    kube.wait_ready("full", timeout=120)
+    wait_for(lambda: len(kube.children("full")) == 6, timeout=30, message="six children")
+    return "full"
+
+
+@pytest.mark.parametrize(
+    ("kind", "suffix", "patch", "read"), EDITS, ids=[f"{k}{s}" for k, s, _, _ in EDITS]
+)
+def test_hand_edit_of_a_child_is_reverted(
+    op: OperatorProcess,
+    kube: Kube,
+    full: str,
+    kind: str,
+    suffix: str,
+    patch: dict[str, Any],
+    read: Any,
+) -> None:
+    name = f"{full}{suffix}"
+    before = read(kube.get(kind, name))
+    # The patched object as the API server stored it: the edit took (the operator
+    # usually reverts it within milliseconds, so reading it back later would race).
+    patched = json.loads(
+        kube.run("patch", kind, name, "--type=merge", "-p", json.dumps(patch), "-o", "json").stdout
+    )
+    assert read(patched) != before, "the hand edit did not take"
+    wait_for(
+        lambda: read(kube.get(kind, name)) == before,
+        timeout=repair_deadline(op),
+        message=lambda: f"{kind}/{name} restored to {before!r}, is {read(kube.get(kind, name))!r}",
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "suffix"),
+    [
+        ("deployment", ""),
+        ("service", ""),
+        ("service", "-headless"),
+        ("configmap", "-model-digests"),
+        ("hpa", ""),
+        ("pdb", ""),
+    ],
+)
+def test_deleted_child_is_recreated(
+    op: OperatorProcess, kube: Kube, full: str, kind: str, suffix: str
+) -> None:
+    name = f"{full}{suffix}"
+    old_uid = kube.get(kind, name)["metadata"]["uid"]
+    kube.run("delete", kind, name, "--wait=true", "--timeout=30s")
+    wait_for(
+        lambda: (o := kube.get(kind, name)) is not None and o["metadata"]["uid"] != old_uid,
+        timeout=repair_deadline(op),
+        message=f"{kind}/{name} recreated",
+    )
+
+
+def resource_versions(kube: Kube, name: str) -> dict[str, str]:
+    versions = {"agd": kube.get("agd", name)["metadata"]["resourceVersion"]}
+    for child in kube.children(name):
+        versions[f"{child['kind']}/{child['metadata']['name']}"] = child["metadata"][
+            "resourceVersion"
+        ]
+    return versions
+
+
+def test_noop_reconcile_makes_zero_writes(op: OperatorProcess, kube: Kube) -> None:
+    example = load_example("glm-1gpu")
+    name = example["metadata"]["name"]
+    assert kube.apply(example).returncode == 0
+    kube.wait_ready(name, timeout=120)
+
+    # Settle: wait for a whole timer period in which the operator wrote nothing.
+    def quiet() -> bool:
+        writes, reconciles = op.writes(), op.reconciles()
+        time.sleep(op.resync_seconds + 1)
+        return op.writes() == writes and op.reconciles() > reconciles
+
+    wait_for(quiet, timeout=90, message="a quiet timer period")
+
+    writes, reconciles = op.writes(), op.reconciles()
+    versions = resource_versions(kube, name)
+    # At least three more reconciles (timer ticks) of this object and the others.
+    wait_for(
+        lambda: op.reconciles() >= reconciles + 3,
+        timeout=4 * op.resync_seconds + 10,
+        message="three reconciles",
+    )
+    assert op.writes() == writes, "a no-op reconcile sent write requests"
+    # Nobody else wrote either: kopf itself (annotations, finalizers) included.
+    assert resource_versions(kube, name) == versions
+    metrics = op.metrics()
+    assert metrics["autoglm_operator_managed_objects{}"] >= 1
+    assert metrics["autoglm_operator_reconcile_duration_seconds_count{}"] >= reconciles + 3

@@ -1,0 +1,228 @@
+"""The life of an AutoGLMDeployment on a real control plane (kwok GPU nodes).
+
+Each test runs in its own namespace against the session's operator process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+from operator_helpers import Kube, OperatorProcess, agd, load_example, wait_for
+
+pytestmark = pytest.mark.k8s
+
+KIND_OF = {
+    "Deployment": "deployment",
+    "Service": "service",
+    "ConfigMap": "configmap",
+    "HorizontalPodAutoscaler": "hpa",
+    "PodDisruptionBudget": "pdb",
+}
+
+
+def expected_children(name: str, example: dict[str, Any]) -> set[tuple[str, str]]:
+    spec = example["spec"]
+    kids = {("Deployment", name), ("Service", name), ("Service", f"{name}-headless")}
+    auto = spec.get("autoscaling")
+    if auto and auto.get("targets"):
+        kids.add(("HorizontalPodAutoscaler", name))
+    min_replicas = auto.get("minReplicas", 1) if auto else spec.get("replicas", 1)
+    if min_replicas > 1:
+        kids.add(("PodDisruptionBudget", name))
+    if spec["model"].get("sha256"):
+        kids.add(("ConfigMap", f"{name}-model-digests"))
+    return kids
+
+
+def gpu_nodes(kube: Kube) -> set[str]:
+    nodes = kube.cluster.kubectl("get", "nodes", "-l", "nvidia.com/gpu.present=true", "-o", "json")
+    return {n["metadata"]["name"] for n in json.loads(nodes.stdout)["items"]}
+
+
+def running_pods(kube: Kube, name: str) -> list[dict[str, Any]]:
+    pods = kube.get("pods", None, "-l", f"app.kubernetes.io/instance={name}")
+    return [
+        p
+        for p in (pods or {}).get("items", [])
+        if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+@pytest.mark.parametrize("stem", ["minimal", "glm-1gpu", "autoscaling"])
+def test_example_becomes_ready_with_owned_children_on_gpu_nodes(
+    op: OperatorProcess, kube: Kube, stem: str
+) -> None:
+    example = load_example(stem)
+    name = example["metadata"]["name"]
+    applied = kube.apply(example)
+    assert applied.returncode == 0, applied.stderr
+    owner = kube.get("agd", name)
+    uid = owner["metadata"]["uid"]
+
+    # All children exist, each controlled by this object.
+    want = expected_children(name, example)
+
+    def children_ok() -> bool:
+        found = {(c["kind"], c["metadata"]["name"]): c for c in kube.children(name)}
+        if set(found) != want:
+            return False
+        for child in found.values():
+            refs = child["metadata"].get("ownerReferences") or []
+            assert [(r["kind"], r["name"], r["uid"], r.get("controller")) for r in refs] == [
+                ("AutoGLMDeployment", name, uid, True)
+            ], child["metadata"]
+        return True
+
+    wait_for(
+        children_ok,
+        timeout=60,
+        message=lambda: (
+            f"children {want}, have {[(c['kind'], c['metadata']['name']) for c in kube.children(name)]}"
+        ),
+    )
+
+    # Ready=True for the current generation, with every desired pod Running on a GPU node.
+    obj = kube.wait_ready(name, timeout=120)
+    desired = example["spec"].get("autoscaling", {}).get("minReplicas") or example["spec"].get(
+        "replicas", 1
+    )
+    obj = wait_for(
+        lambda: (o := kube.wait_ready(name)) and o["status"]["readyReplicas"] >= desired and o,
+        timeout=90,
+        message=f"{desired} ready replicas",
+    )
+    pods = running_pods(kube, name)
+    assert len(pods) >= desired
+    gpus = gpu_nodes(kube)
+    for pod in pods:
+        assert pod["spec"]["nodeName"] in gpus
+        requests = pod["spec"]["containers"][0]["resources"]["requests"]
+        assert requests["nvidia.com/gpu"] == str(
+            example["spec"].get("resources", {}).get("gpus", 1)
+        )
+    status = obj["status"]
+    assert status["observedGeneration"] == obj["metadata"]["generation"]
+    assert status["endpoints"]["grpc"] == f"{name}.{kube.namespace}.svc:8001"
+    assert status["modelRevision"]
+
+
+def test_spec_edit_rolls_the_deployment_and_updates_status(op: OperatorProcess, kube: Kube) -> None:
+    manifest = agd("edit-me", {"model": {"source": "hf://THUDM/glm-4-9b-chat-hf@v1"}})
+    assert kube.apply(manifest).returncode == 0
+    first = kube.wait_ready("edit-me")
+    assert first["status"]["modelRevision"] == "v1"
+    dep = kube.get("deployment", "edit-me")
+    old_checksum = dep["spec"]["template"]["metadata"]["annotations"][
+        "serving.autoglm.io/config-checksum"
+    ]
+    old_template_hash = {
+        p["metadata"]["labels"]["pod-template-hash"] for p in running_pods(kube, "edit-me")
+    }
+
+    edited = copy.deepcopy(manifest)
+    edited["spec"]["model"]["source"] = "hf://THUDM/glm-4-9b-chat-hf@v2"
+    edited["spec"]["server"] = {"batching": {"maxBatchSize": 32}}
+    assert kube.apply(edited).returncode == 0
+
+    second = kube.wait_ready("edit-me", timeout=120)
+    assert second["metadata"]["generation"] > first["metadata"]["generation"]
+    assert second["status"]["modelRevision"] == "v2"
+    dep = kube.get("deployment", "edit-me")
+    template = dep["spec"]["template"]
+    assert template["metadata"]["annotations"]["serving.autoglm.io/config-checksum"] != old_checksum
+    env = {e["name"]: e["value"] for e in template["spec"]["containers"][0]["env"]}
+    assert env["AUTOGLM_MAX_BATCH_SIZE"] == "32"
+    assert env["AUTOGLM_MODEL"] == "hf://THUDM/glm-4-9b-chat-hf@v2"
+    # The pods were replaced: the running ones come from a new ReplicaSet.
+    wait_for(
+        lambda: (
+            (
+                hashes := {
+                    p["metadata"]["labels"]["pod-template-hash"]
+                    for p in running_pods(kube, "edit-me")
+                }
+            )
+            and not (hashes & old_template_hash)
+        ),
+        timeout=60,
+        message="pods from the new template only",
+    )
+
+
+def test_delete_garbage_collects_every_child(op: OperatorProcess, kube: Kube) -> None:
+    manifest = agd(
+        "doomed",
+        {
+            "model": {"source": "/opt/models/tiny", "sha256": {"model.safetensors": "0" * 64}},
+            "autoscaling": {
+                "minReplicas": 2,
+                "maxReplicas": 3,
+                "targets": [{"type": "queueDepth", "averageValue": "4"}],
+            },
+        },
+    )
+    assert kube.apply(manifest).returncode == 0
+    wait_for(lambda: len(kube.children("doomed")) == 6, timeout=60, message="six children")
+    deleted = kube.run("delete", "agd", "doomed", "--wait=true", "--timeout=60s", check=False)
+    assert deleted.returncode == 0, deleted.stderr
+    wait_for(
+        lambda: kube.children("doomed") == [] and running_pods(kube, "doomed") == [],
+        timeout=90,
+        message=lambda: (
+            f"no children left, have {[(c['kind'], c['metadata']['name']) for c in kube.children('doomed')]}"
+        ),
+    )
+    assert kube.get("agd", "doomed") is None
+
+
+def test_kubectl_scale_and_get_columns(op: OperatorProcess, kube: Kube) -> None:
+    assert (
+        kube.apply(
+            agd("scaled", {"model": {"source": "hf://THUDM/glm-4-9b-chat-hf@main"}})
+        ).returncode
+        == 0
+    )
+    kube.wait_ready("scaled")
+    out = kube.run("scale", "agd/scaled", "--replicas=3")
+    assert "scaled" in out.stdout
+    obj = kube.get("agd", "scaled")
+    assert obj["spec"]["replicas"] == 3
+
+    wait_for(
+        lambda: (
+            (o := kube.get("agd", "scaled"))["status"].get("readyReplicas") == 3
+            and kube.condition("scaled")["status"] == "True"
+            and o
+        ),
+        timeout=90,
+        message="3 ready replicas",
+    )
+    assert kube.get("deployment", "scaled")["spec"]["replicas"] == 3
+    assert kube.get("pdb", "scaled") is not None  # more than one replica now
+
+    # The scale subresource reads back what kubectl scale wrote, with the selector.
+    scale = json.loads(
+        kube.cluster.kubectl(
+            "get",
+            "--raw",
+            f"/apis/serving.autoglm.io/v1alpha1/namespaces/{kube.namespace}/autoglmdeployments/scaled/scale",
+        ).stdout
+    )
+    assert scale["spec"]["replicas"] == 3
+    assert scale["status"]["replicas"] == 3
+    assert "app.kubernetes.io/instance=scaled" in scale["status"]["selector"]
+
+    table = kube.run("get", "agd").stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "MODEL", "REPLICAS", "AGE"]
+    row = table[1].split()
+    assert row[:4] == ["scaled", "True", "hf://THUDM/glm-4-9b-chat-hf@main", "3"]
+    wide = kube.run("get", "autoglm", "-o", "wide").stdout.splitlines()
+    assert wide[0].split() == ["NAME", "READY", "MODEL", "REPLICAS", "REASON", "AGE"]
+    assert wide[1].split()[4] == "ReplicasReady"
+
+    # Scaling back to one removes the PodDisruptionBudget.
+    kube.run("scale", "agd/scaled", "--replicas=1")
+    wait_for(lambda: kube.get("pdb", "scaled") is None, timeout=30, message="PDB removed")

@@ -1,0 +1,71 @@
+"""Leader election through kopf peering: of two operator instances one works, and
+the other takes over when it leaves.
+
+Evidence is each instance's own reconcile counter (its Prometheus metrics), so
+the session's standalone operator, which also watches this namespace, does not
+blur it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_helpers import ROOT, Kube, OperatorProcess, agd, start_operator, wait_for
+
+pytestmark = pytest.mark.k8s
+
+PEERING_CRDS = ROOT / "charts" / "autoglm" / "crds" / "kopf-peering.yaml"
+PEERING = "autoglm-operator"
+
+
+def test_newest_instance_leads_and_the_other_takes_over(
+    cluster: Any, crd: Any, kube: Kube, tmp_path: Path
+) -> None:
+    cluster.kubectl("apply", "--server-side", "-f", str(PEERING_CRDS))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/kopfpeerings.kopf.dev"
+    )
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}}
+    assert kube.run("apply", "-f", "-", input=json.dumps(peering)).returncode == 0
+
+    scope = [f"--namespace={kube.namespace}"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = start_operator(cluster.kubeconfig, tmp_path / "a" / "op.log", scope, 3.0)
+    second: OperatorProcess | None = None
+    try:
+        second = start_operator(cluster.kubeconfig, tmp_path / "b" / "op.log", scope, 3.0)
+        # The older instance sees a newer (higher-priority) peer and stands by.
+        wait_for(
+            lambda: "Pausing operations in favour of" in first.log_path.read_text(),
+            timeout=60,
+            message=lambda: f"the first instance to pause; its log:\n{first.log_tail()}",
+        )
+        assert "Pausing operations" not in second.log_path.read_text()
+
+        assert kube.apply(agd("led", {"model": {"source": "/opt/models/tiny"}})).returncode == 0
+        wait_for(lambda: second.reconciles() >= 2, timeout=60, message="the leader to reconcile")
+        assert first.reconciles() == 0, "a standby instance reconciled"
+
+        # The leader leaves (SIGTERM): it removes itself from the peering object,
+        # and the standby resumes and takes the object over.
+        second.stop()
+        wait_for(
+            lambda: first.reconciles() >= 1,
+            timeout=60,
+            message=lambda: f"the standby to take over; its log:\n{first.log_tail()}",
+        )
+        kube.run("patch", "agd", "led", "--type=merge", "-p", json.dumps({"spec": {"replicas": 2}}))
+        before = first.reconciles()
+        wait_for(
+            lambda: first.reconciles() > before,
+            timeout=30,
+            message="the new leader to act on an edit",
+        )
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()

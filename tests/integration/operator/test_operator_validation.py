@@ -1,0 +1,217 @@
+"""Bad input: rejected at kubectl apply when the schema or CEL can tell; otherwise
+Ready=False with a reason and an Event, and the operator keeps running."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from operator_helpers import Kube, OperatorProcess, agd, wait_for
+
+pytestmark = pytest.mark.k8s
+
+SRC = {"source": "hf://THUDM/glm-4-9b-chat-hf@main"}
+AUTO_TARGET = [{"type": "queueDepth", "averageValue": "4"}]
+
+# (id, name, spec, substrings the apiserver's message must contain: the field and the reason)
+INVALID: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
+    (
+        "s3-scheme",
+        "bad",
+        {"model": {"source": "s3://bucket/glm"}},
+        ("spec.model.source", "must start with hf://, pvc:// or /"),
+    ),
+    (
+        "hf-without-org",
+        "bad",
+        {"model": {"source": "hf://glm"}},
+        ("spec.model.source", "hf://org/name"),
+    ),
+    (
+        "pvc-bad-claim",
+        "bad",
+        {"model": {"source": "pvc://Bad_Claim/m"}},
+        ("spec.model.source", "pvc://claim-name"),
+    ),
+    (
+        "hf-cache-without-hf",
+        "bad",
+        {"model": {"source": "/m", "hfCacheClaim": "cache"}},
+        ("spec.model.hfCacheClaim", "only valid with an hf://"),
+    ),
+    (
+        "missing-source",
+        "bad",
+        {"model": {"dtype": "auto"}},
+        ("spec.model.source", "Required value"),
+    ),
+    (
+        "bad-dtype",
+        "bad",
+        {"model": {**SRC, "dtype": "fp8"}},
+        ("spec.model.dtype", "Unsupported value"),
+    ),
+    (
+        "bad-digest",
+        "bad",
+        {"model": {**SRC, "sha256": {"model.safetensors": "xyz"}}},
+        ("spec.model.sha256", "should match"),
+    ),
+    (
+        "zero-gpus",
+        "bad",
+        {"model": SRC, "resources": {"gpus": 0}},
+        ("spec.resources.gpus", "greater than or equal to 1"),
+    ),
+    (
+        "bad-shm",
+        "bad",
+        {"model": SRC, "resources": {"shmSize": "lots"}},
+        ("spec.resources.shmSize", "should match"),
+    ),
+    (
+        "exists-toleration-with-value",
+        "bad",
+        {
+            "model": SRC,
+            "resources": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]},
+        },
+        ("spec.resources.tolerations[0].value", "must be empty when operator is Exists"),
+    ),
+    (
+        "toleration-seconds-without-noexecute",
+        "bad",
+        {
+            "model": SRC,
+            "resources": {"tolerations": [{"key": "k", "value": "v", "tolerationSeconds": 5}]},
+        },
+        ("spec.resources.tolerations[0].tolerationSeconds", "only valid with effect NoExecute"),
+    ),
+    (
+        "port-clash",
+        "bad",
+        {"model": SRC, "server": {"grpcPort": 8000}},
+        ("spec.server", "must all differ"),
+    ),
+    (
+        "tokens-below-batch",
+        "bad",
+        {"model": SRC, "server": {"batching": {"maxBatchSize": 64, "maxBatchTokens": 32}}},
+        ("spec.server.batching.maxBatchTokens", "must be >= maxBatchSize"),
+    ),
+    (
+        "negative-replicas",
+        "bad",
+        {"model": SRC, "replicas": -1},
+        ("spec.replicas", "greater than or equal to 0"),
+    ),
+    (
+        "min-above-max",
+        "bad",
+        {"model": SRC, "autoscaling": {"minReplicas": 3, "maxReplicas": 2, "targets": AUTO_TARGET}},
+        ("spec.autoscaling.minReplicas", "must be <= autoscaling.maxReplicas"),
+    ),
+    (
+        "no-targets",
+        "bad",
+        {"model": SRC, "autoscaling": {"maxReplicas": 3}},
+        ("spec.autoscaling.targets", "at least one target"),
+    ),
+    (
+        "duplicate-targets",
+        "bad",
+        {"model": SRC, "autoscaling": {"maxReplicas": 3, "targets": AUTO_TARGET * 2}},
+        ("spec.autoscaling.targets", "at most once"),
+    ),
+    (
+        "dcgm-source-on-queue-depth",
+        "bad",
+        {
+            "model": SRC,
+            "autoscaling": {"maxReplicas": 3, "targets": [{**AUTO_TARGET[0], "source": "dcgm"}]},
+        },
+        ("spec.autoscaling.targets[0].source", "only valid for the gpuUtilization target"),
+    ),
+    (
+        "unknown-target",
+        "bad",
+        {
+            "model": SRC,
+            "autoscaling": {"maxReplicas": 3, "targets": [{"type": "vibes", "averageValue": "1"}]},
+        },
+        ("spec.autoscaling.targets[0].type", "Unsupported value"),
+    ),
+    (
+        "unknown-field",
+        "bad",
+        {"model": SRC, "canary": {"weight": 10}},
+        (".spec.canary: field not declared in schema",),
+    ),
+    ("name-too-long", "a" * 60, {"model": SRC}, ("metadata.name must be a DNS-1035 label",)),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "needles"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID]
+)
+def test_invalid_spec_is_rejected_at_apply(
+    kube: Kube, crd: Any, name: str, spec: dict[str, Any], needles: tuple[str, ...]
+) -> None:
+    result = kube.apply(agd(name, spec))
+    assert result.returncode != 0, f"accepted: {result.stdout}"
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+    assert kube.get("agd", name) is None
+
+
+def events_for(kube: Kube, name: str) -> list[dict[str, Any]]:
+    data = kube.get(
+        "events",
+        None,
+        "--field-selector",
+        f"involvedObject.name={name},involvedObject.kind=AutoGLMDeployment",
+    )
+    return list((data or {}).get("items", []))
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        (
+            {"model": SRC, "resources": {"gpus": 16}},
+            "requests 16 nvidia.com/gpu but the largest matching node has 8",
+        ),
+        (
+            {"model": SRC, "resources": {"gpuProduct": "NVIDIA-B200"}},
+            "nvidia.com/gpu.product=NVIDIA-B200",
+        ),
+        ({"model": {"source": "pvc://no-such-claim/glm"}}, "no-such-claim"),
+    ],
+    ids=["more-gpus-than-any-node", "gpu-product-nobody-has", "missing-model-claim"],
+)
+def test_impossible_spec_is_not_ready_with_reason_and_event(
+    op: OperatorProcess, kube: Kube, spec: dict[str, Any], needle: str
+) -> None:
+    assert kube.apply(agd("impossible", spec)).returncode == 0
+    obj = kube.wait_ready("impossible", status="False", timeout=30)
+
+    def reason() -> dict[str, Any] | None:
+        cond = kube.condition("impossible")
+        return cond if cond and cond["reason"] == "Unschedulable" else None
+
+    cond = wait_for(
+        reason,
+        timeout=op.resync_seconds + 30,
+        message=lambda: f"Unschedulable, have {kube.condition('impossible')}",
+    )
+    assert needle in cond["message"]
+    assert cond["observedGeneration"] == obj["metadata"]["generation"]
+    degraded = kube.condition("impossible", "Degraded")
+    assert degraded is not None and degraded["status"] == "True"
+    events = wait_for(
+        lambda: [e for e in events_for(kube, "impossible") if e["reason"] == "Unschedulable"],
+        timeout=30,
+        message="an Unschedulable event",
+    )
+    assert events[0]["type"] == "Warning"
+    assert op.alive()
