@@ -120,14 +120,26 @@ def _device() -> dict[str, Any]:
 
 
 def _git() -> dict[str, Any]:
-    def run(*args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
-        return out.stdout.strip()
+    """The commit measured. Where the tree has no git metadata (a copy on a GPU
+    machine), AUTOGLM_GIT_COMMIT names it instead."""
 
-    return {
-        "commit": run("rev-parse", "HEAD") or "none",
-        "dirty": bool(run("status", "--porcelain")),
-    }
+    def run(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+            )
+        except OSError:
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = run("rev-parse", "--verify", "HEAD")
+    if commit is None:
+        return {
+            "commit": os.environ.get("AUTOGLM_GIT_COMMIT", "unknown"),
+            "dirty": None,
+            "source": "env",
+        }
+    return {"commit": commit, "dirty": bool(run("status", "--porcelain")), "source": "git"}
 
 
 def main(argv: list[str] | None = None) -> int:
