@@ -15,7 +15,7 @@ setup:
 demo: setup
 	$(VENV)/bin/autoglm-dev demo
 
-test: setup
+test: setup lint
 	$(PY) -m pytest tests/unit tests/integration
 
 unit: setup

@@ -34,7 +34,16 @@ def test_editable_install_maps_folders_to_import_names() -> None:
 def test_wheel_contains_mapped_packages_and_imports(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(dist),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
@@ -48,10 +57,16 @@ def test_wheel_contains_mapped_packages_and_imports(tmp_path: Path) -> None:
         assert expected in names, f"{expected} missing from {wheel.name}"
     assert not any(n.startswith("operator/") for n in names), "the bare folder name must not ship"
     # every Python package in the mapped folders ships (pyproject lists them by name)
-    for folder, name in (("operator", "autoglm_operator"), ("server", "autoglm_server"), ("dev", "autoglm_dev")):
+    for folder, name in (
+        ("operator", "autoglm_operator"),
+        ("server", "autoglm_server"),
+        ("dev", "autoglm_dev"),
+    ):
         for init in (ROOT / folder).rglob("__init__.py"):
             rel = init.relative_to(ROOT / folder).as_posix()
-            assert f"{name}/{rel}" in names, f"{name}/{rel} missing: add the package to pyproject.toml"
+            assert f"{name}/{rel}" in names, (
+                f"{name}/{rel} missing: add the package to pyproject.toml"
+            )
 
     # Install it alone into a fresh environment and import under the mapped names.
     env_dir = tmp_path / "venv"
@@ -63,7 +78,11 @@ def test_wheel_contains_mapped_packages_and_imports(tmp_path: Path) -> None:
         [py, "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True, cwd=tmp_path
     )
     out = subprocess.run(
-        [py, "-c", "import operator, autoglm_operator, autoglm_dev; print(operator.itemgetter, autoglm_operator.__file__)"],
+        [
+            py,
+            "-c",
+            "import operator, autoglm_operator, autoglm_dev; print(operator.itemgetter, autoglm_operator.__file__)",
+        ],
         cwd=tmp_path,
         check=True,
         capture_output=True,
