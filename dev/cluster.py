@@ -292,17 +292,9 @@ class LocalCluster:
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
         kubectl = getattr(self, "kubectl_bin", None) or ensure_binaries(("kubectl",))["kubectl"]
-        proc = subprocess.run(
-            [str(kubectl), "--kubeconfig", str(self.kubeconfig), *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
+        return run_kubectl(
+            str(kubectl), self.kubeconfig, args, input=input, check=check, timeout=timeout
         )
-        if check and proc.returncode != 0:
-            raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
-        return proc
 
     def apply_nodes(self, count: int) -> None:
         """Create (or keep) ``count`` GPU nodes named ``gpu-node-<i>``."""
@@ -563,14 +555,29 @@ class ExistingCluster:
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
         kubectl = shutil.which("kubectl") or str(ensure_binaries(("kubectl",))["kubectl"])
-        proc = subprocess.run(
-            [kubectl, "--kubeconfig", str(self.kubeconfig), *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
+        return run_kubectl(
+            kubectl, self.kubeconfig, args, input=input, check=check, timeout=timeout
         )
-        if check and proc.returncode != 0:
-            raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
-        return proc
+
+
+def run_kubectl(
+    kubectl: str,
+    kubeconfig: Path,
+    args: Sequence[str],
+    *,
+    input: str | None = None,
+    check: bool = True,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """Run kubectl against ``kubeconfig``; with ``check``, a failure raises ClusterError with its stderr."""
+    proc = subprocess.run(
+        [kubectl, "--kubeconfig", str(kubeconfig), *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and proc.returncode != 0:
+        raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc
