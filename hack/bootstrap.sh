@@ -33,5 +33,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python"
   echo "$want" > "$stamp"
 fi
 
-echo "==> control-plane binaries (a cold build takes 15-30 minutes on 2 cores; cached afterwards)"
+echo "==> control-plane binaries (a cold build took 10 minutes on 2 cores here; cached afterwards)"
 "$VENV/bin/autoglm-dev" cluster build
