@@ -10,11 +10,13 @@ naming the field (FastAPI's default 422 is remapped, because OpenAI clients
 treat 400 as "fix your request"), a full queue is 429 with ``Retry-After``,
 not ready is 503. A streaming response is primed with its first delta before
 the headers go out, so admission errors still get a real status code; after
-that, a client disconnect cancels the body task and aborts the engine request.
+that, a client disconnect cancels the body task and aborts the engine request. A non-streaming request is aborted the same
+way when its client hangs up while it is being generated.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -32,7 +34,9 @@ from starlette.types import Receive, Scope, Send
 from autoglm_server import __version__
 from autoglm_server.engine.api import AsyncEngine, GenerationDelta, GenerationRequest, Usage
 from autoglm_server.errors import AutoGLMError, InvalidRequestError, QueueFullError
+from autoglm_server.errors import CancelledError as RequestCancelledError
 from autoglm_server.frontend import (
+    Completion,
     GenerationStream,
     ServerState,
     collect,
@@ -351,6 +355,39 @@ async def _prime(state: ServerState, build: Callable[[AsyncEngine], GenerationRe
 # --------------------------------------------------------------------------- app
 
 
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client hangs up. The body has been read by now, so the
+    next ASGI message the server sends is ``http.disconnect``."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _complete(
+    state: ServerState, request: Request, build: Callable[[AsyncEngine], GenerationRequest]
+) -> tuple[GenerationRequest, Completion]:
+    """Run a non-streaming request to the end, or abort it when the client
+    hangs up: the server doesn't cancel a handler whose client left, so the
+    connection is watched alongside the generation."""
+    with state.admit() as engine:
+        gen = build(engine)
+        async with GenerationStream(engine, gen) as stream:
+            work = asyncio.ensure_future(collect(stream, gen.request_id))
+            watch = asyncio.ensure_future(_until_disconnect(request))
+            try:
+                await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                watch.cancel()
+                if not work.done():
+                    work.cancel()  # leaving the `async with` aborts the engine request
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+            if work.cancelled():
+                raise RequestCancelledError(
+                    "the client disconnected before the completion finished"
+                )
+            return gen, work.result()
+
+
 def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -> FastAPI:
     """The FastAPI app. ``render_metrics`` returns Prometheus text (None: no /metrics)."""
     app = FastAPI(title="AutoGLM", version=__version__, docs_url=None, redoc_url=None)
@@ -402,7 +439,7 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
         }
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> Response | dict[str, Any]:
+    async def completions(body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
         engine = served(body.model)
         prompt = body.text()
         params = body.params(max_tokens_default=16)  # OpenAI's default for completions
@@ -441,16 +478,15 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
 
             return _SSEResponse(_guard_events(events()), primed.close)
 
-        with state.admit() as engine:
-            gen = build(engine)
-            async with GenerationStream(engine, gen) as stream:
-                done = await collect(stream, gen.request_id)
+        gen, done = await _complete(state, request, build)
         usage = usage_or_count(done, len(gen.prompt_token_ids))
         finish = done.finish_reason.value if done.finish_reason else None
         return {**chunk(done.text, finish), "usage": _usage_json(usage)}
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> Response | dict[str, Any]:
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request
+    ) -> Response | dict[str, Any]:
         engine = served(body.model)
         messages = body.chat()
         if body.max_tokens is None and body.max_completion_tokens is not None:
@@ -499,10 +535,7 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
 
             return _SSEResponse(_guard_events(events()), primed.close)
 
-        with state.admit() as engine:
-            gen = build(engine)
-            async with GenerationStream(engine, gen) as stream:
-                done = await collect(stream, gen.request_id)
+        _, done = await _complete(state, request, build)
         usage = usage_or_count(done, len(prompt_ids))
         return {
             "id": cid,

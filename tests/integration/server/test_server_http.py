@@ -3,7 +3,9 @@ OpenAI-shaped errors, client disconnects, and /metrics."""
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 from pathlib import Path
 
 import grpc
@@ -135,6 +137,26 @@ def test_stream_disconnect_aborts_the_request(server: ServerProcess) -> None:
                 break  # closes the connection mid-stream
     assert seen == 3
     server.wait_metric("autoglm_running_requests", 0)
+
+
+def test_non_streaming_disconnect_aborts_the_request(server: ServerProcess) -> None:
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": "go"}], "max_tokens": 1500, "ignore_eos": True}
+    ).encode()
+    cancelled = server.metric("autoglm_requests_total", 0.0, code="CANCELLED")
+    ok = server.metric("autoglm_requests_total", 0.0, code="OK")
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        server.wait_metric("autoglm_running_requests", 1)
+    # The client is gone mid-generation: the slot is freed and the request is
+    # counted as cancelled, not run to its 1500 tokens.
+    server.wait_metric("autoglm_running_requests", 0)
+    assert server.metric("autoglm_requests_total", 0.0, code="CANCELLED") == cancelled + 1
+    assert server.metric("autoglm_requests_total", 0.0, code="OK") == ok
 
 
 def _documented_metric_names() -> list[str]:
