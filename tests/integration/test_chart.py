@@ -137,3 +137,31 @@ def test_chart_installs_into_the_cluster(
         assert cannot.stdout.strip() == "no"
     finally:
         _helm("uninstall", "autoglm", "--namespace", namespace, kubeconfig=cluster.kubeconfig)
+
+
+def _dockerfile_exec_form(instruction: str) -> list[str]:
+    for line in (ROOT / "Dockerfile.operator").read_text().splitlines():
+        if line.startswith(instruction + " "):
+            value: list[str] = json.loads(line[len(instruction) + 1 :])
+            return value
+    raise AssertionError(f"no {instruction} in Dockerfile.operator")
+
+
+@pytest.mark.parametrize(
+    ("sets", "standalone"),
+    [((), False), (("peering.enabled=false", "replicaCount=1"), True)],
+)
+def test_operator_command_is_image_entrypoint_plus_chart_args(
+    sets: tuple[str, ...], standalone: bool
+) -> None:
+    """What the container really runs: the image's ENTRYPOINT followed by the
+    chart's args (args replace CMD). Leader election must not be switched off
+    behind the chart's back."""
+    deploy = next(d for d in _render(*sets) if d["kind"] == "Deployment")
+    command = (
+        _dockerfile_exec_form("ENTRYPOINT")
+        + deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    assert command[:4] == ["kopf", "run", "-m", "autoglm_operator.handlers"]
+    assert ("--standalone" in command) == standalone
+    assert "--standalone" in _dockerfile_exec_form("CMD")  # a bare `docker run` runs alone
