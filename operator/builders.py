@@ -184,7 +184,10 @@ def build_env(spec: AutoGLMDeploymentSpec, owner: Owner) -> list[dict[str, str]]
         env.append(("AUTOGLM_SHA256_FILE", f"{DIGESTS_MOUNT}/{DIGESTS_FILE}"))
     if source.scheme == "hf":
         env.append(("HF_HOME", HF_HOME))
-        env.append(("HF_HUB_OFFLINE", "1"))
+        if model.hf_cache_claim is not None:
+            # A pre-populated cache: resolve offline. Without one the server
+            # downloads into the (empty, writable) HF_HOME at start.
+            env.append(("HF_HUB_OFFLINE", "1"))
     return [{"name": k, "value": v} for k, v in env]
 
 

@@ -9,7 +9,10 @@ Every request goes through ``KubeApi._request``, which:
 
 Children are applied with server-side apply under one field manager
 (``autoglm-operator``, force), but only when ``ssa.compute_needs_apply`` says
-the apply would change something.
+the apply would change something. A field we stop setting that another
+controller takes over (``spec.replicas`` of a Deployment once an HPA scales
+it) is first applied at its live value under ``autoglm-operator-handover``, so
+dropping it from our apply does not reset it (``ssa.compute_handover``).
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from urllib.parse import quote, urlencode
 
 from . import metrics
 from .spec import GROUP, PLURAL, VERSION
-from .ssa import compute_needs_apply
+from .ssa import compute_handover, compute_needs_apply
 
 log = logging.getLogger(__name__)
 
 FIELD_MANAGER = "autoglm-operator"
+# Holds fields we stop setting until their new owner (the HPA) takes them over.
+HANDOVER_FIELD_MANAGER = "autoglm-operator-handover"
 WRITE_VERBS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 # kind -> (api prefix, plural, namespaced)
@@ -199,8 +204,10 @@ class KubeApi:
 
     # ---- writes -----------------------------------------------------------------
 
-    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Server-side apply under our field manager, taking fields over (force)."""
+    def apply(
+        self, manifest: dict[str, Any], *, field_manager: str | None = None, force: bool = True
+    ) -> dict[str, Any]:
+        """Server-side apply under our field manager (or ``field_manager``), by default forced."""
         meta = manifest["metadata"]
         path = build_path(
             manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"]
@@ -209,10 +216,25 @@ class KubeApi:
             "PATCH",
             path,
             kind=manifest["kind"],
-            query={"fieldManager": self.field_manager, "force": "true"},
+            query={
+                "fieldManager": field_manager or self.field_manager,
+                "force": "true" if force else "false",
+            },
             body=manifest,
             content_type="application/apply-patch+yaml",
         )
+
+    def hand_over(self, handover: dict[str, Any]) -> None:
+        """Apply ``handover`` (fields at their live values) under the handover manager.
+
+        Not forced: a conflict means another manager holds the field already,
+        which is all the handover is for.
+        """
+        try:
+            self.apply(handover, field_manager=HANDOVER_FIELD_MANAGER, force=False)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
 
     def ensure_applied(self, manifest: dict[str, Any]) -> ApplyResult:
         """Apply ``manifest`` unless the live object already has exactly our fields."""
@@ -222,6 +244,9 @@ class KubeApi:
         )
         if not compute_needs_apply(manifest, live, self.field_manager):
             return ApplyResult(manifest["kind"], meta["name"], applied=False)
+        handover = compute_handover(manifest, live, self.field_manager)
+        if handover is not None:
+            self.hand_over(handover)
         self.apply(manifest)
         return ApplyResult(manifest["kind"], meta["name"], applied=True)
 

@@ -53,7 +53,7 @@ class ModelSpec(_Model):
         default=None, min_length=1, max_length=128, pattern=r"^[-A-Za-z0-9_./]+$"
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    max_model_len: int | None = Field(default=None, ge=1, le=4194304)
+    max_model_len: int | None = Field(default=None, ge=2, le=4194304)
     trust_remote_code: bool = False
     sha256: dict[str, Annotated[str, Field(max_length=64, pattern=r"^[a-f0-9]{64}$")]] | None = (
         Field(default=None, max_length=256)
@@ -128,7 +128,7 @@ class BatchingSpec(_Model):
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     max_batch_tokens: int = Field(default=8192, ge=1, le=1048576)
     max_queue_delay_ms: int = Field(default=0, ge=0, le=60000)
-    max_queue_length: int = Field(default=1024, ge=0, le=1000000)
+    max_queue_length: int = Field(default=1024, ge=1, le=1000000)
     priority_levels: int = Field(default=1, ge=1, le=16)
 
     @model_validator(mode="after")

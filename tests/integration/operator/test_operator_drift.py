@@ -155,3 +155,58 @@ def test_noop_reconcile_makes_zero_writes(op: OperatorProcess, kube: Kube) -> No
     metrics = op.metrics()
     assert metrics["autoglm_operator_managed_objects{}"] >= 1
     assert metrics["autoglm_operator_reconcile_duration_seconds_count{}"] >= reconciles + 3
+
+
+# Fields the operator sets to false: a hand edit to true moves the field to the
+# editor, and the operator must win it back although "false" may look like "unset".
+FALSE_FIELD_EDITS: list[tuple[str, str, Any]] = [
+    (
+        "json",
+        json.dumps(
+            [
+                {
+                    "op": "replace",
+                    "path": "/spec/template/spec/containers/0/securityContext/allowPrivilegeEscalation",
+                    "value": True,
+                }
+            ]
+        ),
+        lambda o: o["spec"]["template"]["spec"]["containers"][0]["securityContext"][
+            "allowPrivilegeEscalation"
+        ],
+    ),
+    (
+        "strategic",
+        json.dumps({"spec": {"template": {"spec": {"enableServiceLinks": True}}}}),
+        lambda o: o["spec"]["template"]["spec"]["enableServiceLinks"],
+    ),
+    (
+        "merge",
+        json.dumps({"spec": {"template": {"spec": {"automountServiceAccountToken": True}}}}),
+        lambda o: o["spec"]["template"]["spec"]["automountServiceAccountToken"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("patch_type", "patch", "read"),
+    FALSE_FIELD_EDITS,
+    ids=["allowPrivilegeEscalation", "enableServiceLinks", "automountServiceAccountToken"],
+)
+def test_hand_edit_of_a_false_field_is_reverted(
+    op: OperatorProcess, kube: Kube, full: str, patch_type: str, patch: str, read: Any
+) -> None:
+    assert read(kube.get("deployment", full)) is False
+    patched = json.loads(
+        kube.run(
+            "patch", "deployment", full, f"--type={patch_type}", "-p", patch, "-o", "json"
+        ).stdout
+    )
+    assert read(patched) is True, "the hand edit did not take"
+    wait_for(
+        lambda: read(kube.get("deployment", full)) is False,
+        timeout=repair_deadline(op),
+        message=lambda: (
+            f"deployment/{full} restored to false, is {read(kube.get('deployment', full))!r}"
+        ),
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from typing import Any
 
 import pytest
@@ -226,3 +227,50 @@ def test_kubectl_scale_and_get_columns(op: OperatorProcess, kube: Kube) -> None:
     # Scaling back to one removes the PodDisruptionBudget.
     kube.run("scale", "agd/scaled", "--replicas=1")
     wait_for(lambda: kube.get("pdb", "scaled") is None, timeout=30, message="PDB removed")
+
+
+def deployment_with_owners(kube: Kube, name: str) -> dict[str, Any]:
+    dep: dict[str, Any] = kube.get("deployment", name, "--show-managed-fields")
+    return dep
+
+
+def operator_owns_replicas(deployment: dict[str, Any]) -> bool:
+    return any(
+        e["manager"] == "autoglm-operator"
+        and e["operation"] == "Apply"
+        and "f:replicas" in e.get("fieldsV1", {}).get("f:spec", {})
+        for e in deployment["metadata"]["managedFields"]
+    )
+
+
+def test_switch_to_autoscaling_keeps_the_replica_count(op: OperatorProcess, kube: Kube) -> None:
+    source = {"source": "hf://THUDM/glm-4-9b-chat-hf@main"}
+    assert kube.apply(agd("switch", {"replicas": 3, "model": source})).returncode == 0
+    obj = kube.wait_ready("switch", timeout=120)
+    assert obj["status"]["readyReplicas"] == 3
+    assert operator_owns_replicas(deployment_with_owners(kube, "switch"))
+
+    auto = {
+        "model": source,
+        "autoscaling": {
+            "minReplicas": 2,
+            "maxReplicas": 6,
+            "targets": [{"type": "queueDepth", "averageValue": "4"}],
+        },
+    }
+    assert kube.apply(agd("switch", auto)).returncode == 0
+    # The operator applied the new spec: the HPA exists and spec.replicas is no longer ours.
+    wait_for(
+        lambda: (
+            kube.get("hpa", "switch") is not None
+            and not operator_owns_replicas(deployment_with_owners(kube, "switch"))
+        ),
+        timeout=30,
+        message="the HPA created and spec.replicas handed over",
+    )
+    # The HPA has no metrics here, so nothing else changes the count: it stays 3.
+    for _ in range(6):
+        assert kube.get("deployment", "switch")["spec"]["replicas"] == 3
+        time.sleep(0.5)
+    kube.wait_ready("switch", timeout=60)
+    assert kube.get("deployment", "switch")["spec"]["replicas"] == 3

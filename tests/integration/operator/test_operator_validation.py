@@ -100,6 +100,18 @@ INVALID: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
         ("spec.server.batching.maxBatchTokens", "must be >= maxBatchSize"),
     ),
     (
+        "zero-queue-length",
+        "bad",
+        {"model": SRC, "server": {"batching": {"maxQueueLength": 0}}},
+        ("spec.server.batching.maxQueueLength", "greater than or equal to 1"),
+    ),
+    (
+        "one-token-context",
+        "bad",
+        {"model": {**SRC, "maxModelLen": 1}},
+        ("spec.model.maxModelLen", "greater than or equal to 2"),
+    ),
+    (
         "negative-replicas",
         "bad",
         {"model": SRC, "replicas": -1},

@@ -174,6 +174,46 @@ def test_env_follows_the_server_contract() -> None:
     assert env["AUTOGLM_GRPC_PORT"] == "8001"
 
 
+def _env_volumes_mounts(
+    spec: AutoGLMDeploymentSpec,
+) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+    pod = build_deployment(spec, OWNER)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    return env, volumes, mounts
+
+
+def test_hf_source_without_cache_claim_downloads_into_a_writable_cache() -> None:
+    env, volumes, mounts = _env_volumes_mounts(_spec())
+    assert env["AUTOGLM_MODEL"] == "hf://THUDM/glm-4@main"
+    assert env["HF_HOME"] == "/var/cache/huggingface"
+    assert "HF_HUB_OFFLINE" not in env  # the server downloads at start
+    assert volumes["hf-cache"] == {"name": "hf-cache", "emptyDir": {}}
+    assert mounts["hf-cache"] == {"name": "hf-cache", "mountPath": "/var/cache/huggingface"}
+
+
+def test_hf_source_with_cache_claim_resolves_offline_from_it() -> None:
+    env, volumes, mounts = _env_volumes_mounts(
+        parse_spec({"model": {"source": "hf://THUDM/glm-4@main", "hfCacheClaim": "hf-cache"}})
+    )
+    assert env["HF_HOME"] == "/var/cache/huggingface"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert volumes["hf-cache"]["persistentVolumeClaim"] == {
+        "claimName": "hf-cache",
+        "readOnly": True,
+    }
+    assert mounts["hf-cache"]["readOnly"] is True
+
+
+def test_non_hf_sources_get_no_hf_cache() -> None:
+    for source in ("pvc://models/glm", "/opt/models/tiny"):
+        env, volumes, _ = _env_volumes_mounts(parse_spec({"model": {"source": source}}))
+        assert "HF_HOME" not in env and "HF_HUB_OFFLINE" not in env
+        assert "hf-cache" not in volumes
+
+
 def test_checksum_rolls_pods_on_model_or_server_change_only() -> None:
     base = _spec()
     assert compute_config_checksum(base) == compute_config_checksum(_spec())

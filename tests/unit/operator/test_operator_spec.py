@@ -323,6 +323,8 @@ INVALID_FOR_PYDANTIC = [
         "maxBatchTokens must be >=",
     ),
     ({"model": {"source": "/m", "dtype": "fp8"}}, "dtype"),
+    ({"model": {"source": "/m", "maxModelLen": 1}}, "maxModelLen"),
+    ({"model": {"source": "/m"}, "server": {"batching": {"maxQueueLength": 0}}}, "maxQueueLength"),
     ({"model": {"source": "/m"}, "resources": {"gpus": 0}}, "gpus"),
     (
         {

@@ -7,6 +7,7 @@ from typing import Any
 
 from autoglm_operator.ssa import (
     compute_equal,
+    compute_handover,
     compute_needs_apply,
     compute_owned_view,
     find_managed_fields,
@@ -169,9 +170,67 @@ def test_owned_view_cuts_to_our_fields() -> None:
     assert "status" not in view
 
 
-def test_omitted_zero_values_equal_false() -> None:
+def test_omitted_zero_values_equal_false_only_when_the_object_lacks_the_key() -> None:
+    # The API server dropped an omitempty zero: absent from the object, equal.
     assert compute_equal({"a": False, "b": 1}, {"b": 1})
+    assert compute_equal({"a": False, "b": 1}, {"b": 1}, whole={"b": 1, "c": 2})
     assert not compute_equal({"a": True, "b": 1}, {"b": 1})
+    # Missing from our view but present in the object: another manager owns it now.
+    assert not compute_equal({"a": False, "b": 1}, {"b": 1}, whole={"a": True, "b": 1})
+    assert not compute_equal({"a": 0}, {}, whole={"a": 3})
+    assert not compute_equal({"a": False}, {}, whole={"a": False})
+
+
+def hand_edit(live: dict[str, Any], path: list[str], value: Any, manager: str) -> None:
+    """What the API server does on an Update by ``manager``: the value changes, ownership moves."""
+    obj, owned = live, live["metadata"]["managedFields"][0]["fieldsV1"]
+    for step in path[:-1]:
+        if isinstance(obj, list):
+            (obj,) = [i for i in obj if i.get("name") == step]
+            owned = owned[f'k:{{"name":"{step}"}}']
+        else:
+            obj, owned = obj[step], owned[f"f:{step}"]
+    obj[path[-1]] = value
+    del owned[f"f:{path[-1]}"]
+    live["metadata"]["managedFields"].append(
+        {"manager": manager, "operation": "Update", "fieldsV1": {}}
+    )
+
+
+def test_hand_edit_of_a_false_field_needs_apply() -> None:
+    live = live_from(DESIRED)
+    hand_edit(live, ["spec", "template", "spec", "enableServiceLinks"], True, "kubectl-edit")
+    assert compute_needs_apply(DESIRED, live, MANAGER) is True
+
+
+def test_hand_edit_of_a_false_field_in_a_list_item_needs_apply() -> None:
+    want = copy.deepcopy(DESIRED)
+    want["spec"]["template"]["spec"]["containers"][0]["securityContext"] = {
+        "allowPrivilegeEscalation": False,
+        "runAsNonRoot": True,
+    }
+    live = live_from(want)
+    live["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]["f:template"]["f:spec"][
+        "f:containers"
+    ]['k:{"name":"server"}']["f:securityContext"] = {
+        ".": {},
+        "f:allowPrivilegeEscalation": {},
+        "f:runAsNonRoot": {},
+    }
+    assert compute_needs_apply(want, live, MANAGER) is False
+    path = ["spec", "template", "spec", "containers", "server", "securityContext"]
+    hand_edit(live, [*path, "allowPrivilegeEscalation"], True, "kubectl-patch")
+    assert compute_needs_apply(want, live, MANAGER) is True
+
+
+def test_scale_from_zero_by_hand_needs_apply() -> None:
+    want = copy.deepcopy(DESIRED)
+    want["spec"]["replicas"] = 0
+    live = live_from(want)
+    assert compute_needs_apply(want, live, MANAGER) is False
+    hand_edit(live, ["spec", "replicas"], 3, "kubectl")  # kubectl scale --replicas=3
+    live["metadata"]["managedFields"][-1]["subresource"] = "scale"
+    assert compute_needs_apply(want, live, MANAGER) is True
 
 
 def test_quantities_compare_by_value_only_for_quantity_keys() -> None:
@@ -215,3 +274,28 @@ def test_echo_of_our_own_write_is_recognised() -> None:
     assert compute_caused_by(theirs, MANAGER) is False
     assert compute_caused_by(tie, MANAGER) is False
     assert compute_caused_by({"metadata": {}}, MANAGER) is False
+
+
+def test_dropping_replicas_we_own_hands_them_over_at_the_live_value() -> None:
+    want = copy.deepcopy(DESIRED)
+    del want["spec"]["replicas"]  # an HPA takes over
+    live = live_from(DESIRED)
+    live["spec"]["replicas"] = 3
+    assert compute_handover(want, live, MANAGER) == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "glm", "namespace": "ns"},
+        "spec": {"replicas": 3},
+    }
+
+
+def test_no_handover_while_we_set_replicas_or_no_longer_own_them() -> None:
+    live = live_from(DESIRED)
+    assert compute_handover(DESIRED, live, MANAGER) is None  # still ours to set
+    want = copy.deepcopy(DESIRED)
+    del want["spec"]["replicas"]
+    assert compute_handover(want, None, MANAGER) is None  # nothing to keep yet
+    del live["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]["f:replicas"]
+    assert compute_handover(want, live, MANAGER) is None  # the HPA owns it already
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": want["metadata"], "spec": {}}
+    assert compute_handover(service, live, MANAGER) is None
