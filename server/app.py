@@ -9,7 +9,9 @@ Order matters for Kubernetes:
    new requests are refused with UNAVAILABLE (clients retry elsewhere);
    admitted requests run to completion for up to ``shutdown_grace_s``; what
    is left then is aborted; the listeners close; exit 0. A second signal
-   cuts the grace short.
+   cuts the grace short. A signal while the model is still loading abandons
+   the load (it runs on a daemon thread that can't be interrupted) and exits
+   0 at once.
 4. If the engine's step loop dies, NOT_SERVING and exit 1, so the kubelet
    restarts the container. A model that can't be loaded exits 2 with one
    line naming the cause (e.g. the file whose digest does not match).
@@ -21,8 +23,10 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -34,6 +38,7 @@ from autoglm_server.errors import ModelLoadError
 from autoglm_server.frontend import Phase, ServerState
 from autoglm_server.grpc_server import build_grpc_server
 from autoglm_server.http_server import build_http_app, build_metrics_app
+from autoglm_server.threads import run_in_daemon_thread
 
 if TYPE_CHECKING:
     from autoglm_server.engine.config import EngineConfig
@@ -116,6 +121,8 @@ class ServerProcess:
         self._grpc: Any = None
         self.ports: dict[str, int] = {}  # bound ports by listener: grpc, http, metrics
         self.listening = asyncio.Event()
+        # Stopped while the engine was still loading: a loader thread may still run.
+        self.startup_abandoned = False
 
     # -- signals -----------------------------------------------------------------------------------
 
@@ -203,23 +210,29 @@ class ServerProcess:
         engine = self.engine
         return engine.metrics.render() if engine is not None else b""
 
+    async def _load_engine(self) -> None:
+        factory = self._engine_factory
+        if factory is None:
+            # Importing torch takes seconds; do it off the loop so probes keep answering.
+            await run_in_daemon_thread(importlib.import_module, "autoglm_server.engine.engine")
+            factory = _real_engine_factory
+        engine = factory(self.engine_config, self._on_engine_fatal)
+        self.engine = engine
+        self.state.engine = engine
+        self.state.on_rejected = engine.metrics.on_rejected
+        await engine.start()
+
     async def _start_engine(self) -> bool:
         t0 = time.monotonic()
         try:
-            factory = self._engine_factory
-            if factory is None:
-                # Importing torch takes seconds; do it off the loop so probes keep answering.
-                await asyncio.to_thread(importlib.import_module, "autoglm_server.engine.engine")
-                factory = _real_engine_factory
-            engine = factory(self.engine_config, self._on_engine_fatal)
-            self.engine = engine
-            self.state.engine = engine
-            self.state.on_rejected = engine.metrics.on_rejected
-            starting = asyncio.create_task(engine.start())
+            starting = asyncio.create_task(self._load_engine())
             stopping = asyncio.create_task(self._stop.wait())
             await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
             if not starting.done():
+                # The import/load threads can't be interrupted; they are daemon
+                # threads, abandoned here (run_server then exits without them).
                 logger.info("stopped during start-up")
+                self.startup_abandoned = True
                 starting.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await starting
@@ -270,9 +283,24 @@ class ServerProcess:
 
 
 def run_server(engine_config: EngineConfig, options: ServeOptions) -> int:
-    """Run until stopped; return the process exit code."""
+    """Run until stopped; return the process exit code.
+
+    If the process was stopped while the model was still loading, this does
+    not return: the loader thread can't be interrupted, so once the listeners
+    are closed and the logs flushed the process ends at once with
+    ``os._exit(0)`` instead of finalising the interpreter around it.
+    """
+    process: ServerProcess | None = None
 
     async def main() -> int:
-        return await ServerProcess(engine_config, options).run()
+        nonlocal process
+        process = ServerProcess(engine_config, options)
+        return await process.run()
 
-    return asyncio.run(main())
+    code = asyncio.run(main())
+    if process is not None and process.startup_abandoned:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

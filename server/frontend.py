@@ -29,9 +29,11 @@ from autoglm_server.engine.api import (
 )
 from autoglm_server.errors import (
     AutoGLMError,
+    DeadlineExceededError,
     InvalidRequestError,
     UnavailableError,
 )
+from autoglm_server.errors import CancelledError as RequestCancelledError
 
 logger = logging.getLogger(__name__)
 
@@ -152,12 +154,25 @@ class GenerationStream:
 
     Use as ``async with GenerationStream(engine, request) as stream: async for d in stream``.
     Exiting the block by any route (return, exception, cancellation) closes the
-    engine iterator, which the AsyncEngine contract defines as an abort.
+    engine iterator, which the AsyncEngine contract defines as an abort. The
+    abort carries the status the client sees, derived from why the block was
+    left (see :func:`abort_code`), so ``autoglm_requests_total`` agrees with
+    the wire: put the deadline *inside* the block so its error reaches here.
     """
 
-    def __init__(self, engine: AsyncEngine, request: GenerationRequest) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        request: GenerationRequest,
+        *,
+        deadline_passed: Callable[[], bool] | None = None,
+    ) -> None:
+        """``deadline_passed`` says whether the client's deadline has run out; a
+        stream cancelled after that (the transport may cancel the handler at the
+        deadline itself) is counted as DEADLINE_EXCEEDED, not CANCELLED."""
         self._engine = engine
         self.request = request
+        self._deadline_passed = deadline_passed
         try:
             self._it: AsyncIterator[GenerationDelta] = engine.generate(request)
         except AutoGLMError as exc:
@@ -190,24 +205,39 @@ class GenerationStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        code = abort_code(exc)
+        passed = self._deadline_passed
+        if code == RequestCancelledError.grpc_code and passed is not None and passed():
+            code = DeadlineExceededError.grpc_code
+        await self.aclose(code)
 
-    async def aclose(self) -> None:
+    async def aclose(self, code: str = RequestCancelledError.grpc_code) -> None:
+        """Abort the request unless it finished; ``code`` is the status it is counted under."""
         if self._closed:
             return
         self._closed = True
-        if not self.finished:
-            logger.debug("aborting request %s", self.request.request_id)
         closer = getattr(self._it, "aclose", None)
         try:
+            if not self.finished:
+                logger.debug("aborting request %s (%s)", self.request.request_id, code)
+                # The explicit abort carries the code; closing the iterator
+                # (the contract's abort) then has nothing left to do.
+                await self._engine.abort(self.request.request_id, code)
             if closer is not None:
                 await closer()
-            if not self.finished:
-                # Closing is the contract's abort; the explicit call covers
-                # iterators that are not async generators.
-                await self._engine.abort(self.request.request_id)
         except Exception:
             logger.exception("abort of request %s failed", self.request.request_id)
+
+
+def abort_code(exc: BaseException | None) -> str:
+    """The gRPC status name of a request that ends early because of ``exc``.
+
+    Our named errors carry their own (a deadline is DEADLINE_EXCEEDED); a
+    client cancel, a disconnect or anything else counts as CANCELLED.
+    """
+    if isinstance(exc, AutoGLMError):
+        return exc.grpc_code
+    return RequestCancelledError.grpc_code
 
 
 @dataclass(slots=True)

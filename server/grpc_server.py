@@ -54,6 +54,7 @@ from autoglm_server.proto.autoglm.v1 import autoglm_pb2 as pb
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2_grpc as pb_grpc
 from autoglm_server.validation import (
     GenerationParams,
+    max_prompt_chars,
     validate_chat,
     validate_params,
     validate_prompt,
@@ -67,6 +68,11 @@ INFERENCE_SERVICE = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Health answers for the whole server ("") and for the generation service.
 HEALTH_NAMES = ("", AUTOGLM_SERVICE)
+# Requests are a prompt and a few knobs; a larger message is refused by gRPC
+# (RESOURCE_EXHAUSTED) before it is parsed. Prompt text is capped further by
+# validation.max_prompt_chars.
+MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+MAX_SEND_BYTES = 64 * 1024 * 1024
 
 _FINISH_TO_PB = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
@@ -162,6 +168,18 @@ def _guard_stream(behavior: Any, method: str, state: ServerState) -> Any:
     return _guard_unary(behavior, method, state)
 
 
+def _stream(
+    engine: AsyncEngine, gen: GenerationRequest, context: grpc.aio.ServicerContext[Any, Any]
+) -> GenerationStream:
+    """The engine stream of one RPC; an abort after the deadline counts as DEADLINE_EXCEEDED."""
+
+    def deadline_passed() -> bool:
+        remaining = context.time_remaining()
+        return remaining is not None and remaining <= 0
+
+    return GenerationStream(engine, gen, deadline_passed=deadline_passed)
+
+
 @contextlib.asynccontextmanager
 async def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
     """Enforce the client's deadline on the work inside, as DeadlineExceededError."""
@@ -179,8 +197,12 @@ def _optional(message: Any, name: str) -> Any:
     return getattr(message, name) if message.HasField(name) else None
 
 
-def _chat_from_pb(chat: pb.ChatMessages, field: str) -> list[dict[str, str]]:
-    return validate_chat([{"role": m.role, "content": m.content} for m in chat.messages], field)
+def _chat_from_pb(chat: pb.ChatMessages, field: str, max_chars: int) -> list[dict[str, str]]:
+    return validate_chat(
+        [{"role": m.role, "content": m.content} for m in chat.messages],
+        field,
+        max_chars=max_chars,
+    )
 
 
 def params_from_pb(request: pb.GenerateRequest) -> GenerationParams:
@@ -200,13 +222,20 @@ def params_from_pb(request: pb.GenerateRequest) -> GenerationParams:
     )
 
 
-def _prompt_ids(engine: AsyncEngine, message: Any, text_field: str) -> list[int]:
-    """Token ids of a request's ``oneof input``: raw text, or chat through the template."""
+async def _prompt_ids(engine: AsyncEngine, message: Any, text_field: str) -> list[int]:
+    """Token ids of a request's ``oneof input``: raw text, or chat through the template.
+
+    Tokenizing is CPU work proportional to the (capped) text: it runs on a
+    worker thread so health checks and other streams keep being served.
+    """
+    max_chars = max_prompt_chars(engine.model_info.max_model_len)
     which = message.WhichOneof("input")
     if which == text_field:
-        return engine.tokenize(validate_prompt(getattr(message, text_field), text_field))
+        text = validate_prompt(getattr(message, text_field), text_field, max_chars=max_chars)
+        return await asyncio.to_thread(engine.tokenize, text)
     if which == "chat":
-        return engine.apply_chat_template(_chat_from_pb(message.chat, "chat.messages"))
+        chat = _chat_from_pb(message.chat, "chat.messages", max_chars)
+        return await asyncio.to_thread(engine.apply_chat_template, chat)
     raise InvalidRequestError(text_field, f"one of {text_field} or chat is required")
 
 
@@ -228,12 +257,12 @@ class AutoGLMServicer:
     def __init__(self, state: ServerState) -> None:
         self._state = state
 
-    def _build(
+    async def _build(
         self, engine: AsyncEngine, request: pb.GenerateRequest, params: GenerationParams
     ) -> GenerationRequest:
         return GenerationRequest(
             request_id=new_request_id(),
-            prompt_token_ids=_prompt_ids(engine, request, "prompt"),
+            prompt_token_ids=await _prompt_ids(engine, request, "prompt"),
             params=params.to_sampling_params(),
             priority=params.priority,
         )
@@ -244,8 +273,10 @@ class AutoGLMServicer:
         params = params_from_pb(request)
         client_id = validate_request_id(request.request_id)
         with self._state.admit() as engine:
-            gen = self._build(engine, request, params)
-            async with _deadline(context), GenerationStream(engine, gen) as stream:
+            gen = await self._build(engine, request, params)
+            # The deadline sits inside the stream's block, so the abort it causes
+            # is counted as DEADLINE_EXCEEDED, as the client sees it.
+            async with _stream(engine, gen, context) as stream, _deadline(context):
                 done = await collect(stream, gen.request_id)
         info = engine.model_info
         return pb.GenerateResponse(
@@ -264,16 +295,18 @@ class AutoGLMServicer:
         params = params_from_pb(request)
         client_id = validate_request_id(request.request_id)
         with self._state.admit() as engine:
-            gen = self._build(engine, request, params)
+            gen = await self._build(engine, request, params)
             reply_id = client_id or gen.request_id
-            async with _deadline(context), GenerationStream(engine, gen) as stream:
+            # The deadline sits inside the stream's block, so the abort it causes
+            # is counted as DEADLINE_EXCEEDED, as the client sees it.
+            async with _stream(engine, gen, context) as stream, _deadline(context):
                 async for delta in stream:
                     await context.write(_stream_pb(reply_id, delta))
 
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.TokenizeResponse:
-        ids = _prompt_ids(self._state.require_engine(), request, "text")
+        ids = await _prompt_ids(self._state.require_engine(), request, "text")
         return pb.TokenizeResponse(token_ids=ids, count=len(ids))
 
     async def ModelInfo(
@@ -351,7 +384,7 @@ def _decode_raw_bytes(raw: bytes, field: str) -> list[bytes]:
     return items
 
 
-def text_from_v2(request: v2.ModelInferRequest) -> str:
+def text_from_v2(request: v2.ModelInferRequest, max_chars: int | None = None) -> str:
     """The single ``text_input`` string of a ModelInferRequest."""
     for i, tensor in enumerate(request.inputs):
         if tensor.name != TEXT_INPUT:
@@ -376,9 +409,10 @@ def text_from_v2(request: v2.ModelInferRequest) -> str:
         if len(items) != 1:
             raise InvalidRequestError(f"inputs[{i}].contents", "must hold exactly one element")
         try:
-            return validate_prompt(items[0].decode("utf-8"), f"inputs[{i}].contents")
+            text = items[0].decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidRequestError(f"inputs[{i}].contents", "must be UTF-8 text") from None
+        return validate_prompt(text, f"inputs[{i}].contents", max_chars=max_chars)
     raise InvalidRequestError("inputs", f"needs a BYTES input named {TEXT_INPUT!r}")
 
 
@@ -441,20 +475,23 @@ class InferenceServicer:
         self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> v2.ModelInferResponse:
         params = params_from_v2(request.parameters)
-        text = text_from_v2(request)
+        served = self._check_model(request.model_name, request.model_version, "model_name")
+        text = text_from_v2(request, max_prompt_chars(served.model_info.max_model_len))
         for j, wanted in enumerate(request.outputs):
             if wanted.name != TEXT_OUTPUT:
                 raise InvalidRequestError(f"outputs[{j}].name", f"only {TEXT_OUTPUT!r} exists")
         validate_request_id(request.id, "id")
-        self._check_model(request.model_name, request.model_version, "model_name")
+        prompt_ids = await asyncio.to_thread(served.tokenize, text)
         with self._state.admit() as engine:
             gen = GenerationRequest(
                 request_id=new_request_id(),
-                prompt_token_ids=engine.tokenize(text),
+                prompt_token_ids=prompt_ids,
                 params=params.to_sampling_params(),
                 priority=params.priority,
             )
-            async with _deadline(context), GenerationStream(engine, gen) as stream:
+            # The deadline sits inside the stream's block, so the abort it causes
+            # is counted as DEADLINE_EXCEEDED, as the client sees it.
+            async with _stream(engine, gen, context) as stream, _deadline(context):
                 done = await collect(stream, gen.request_id)
         usage = usage_or_count(done, len(gen.prompt_token_ids))
         info = engine.model_info
@@ -546,8 +583,8 @@ def build_grpc_server(state: ServerState, host: str, port: int) -> tuple[grpc.ai
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(state)],
         options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.so_reuseport", 0),
         ],
     )

@@ -46,6 +46,7 @@ from autoglm_server.frontend import (
 from autoglm_server.validation import (
     GenerationParams,
     format_loc,
+    max_prompt_chars,
     validate_chat,
     validate_params,
     validate_prompt,
@@ -137,7 +138,7 @@ class CompletionRequest(_OpenAIRequest):
     echo: bool = False
     suffix: str | None = None
 
-    def text(self) -> str:
+    def text(self, max_chars: int) -> str:
         if isinstance(self.prompt, list):
             if len(self.prompt) != 1:
                 raise InvalidRequestError("prompt", "only one prompt per request is supported")
@@ -148,7 +149,7 @@ class CompletionRequest(_OpenAIRequest):
             raise InvalidRequestError("echo", "is not supported")
         if self.suffix:
             raise InvalidRequestError("suffix", "is not supported")
-        return validate_prompt(prompt)
+        return validate_prompt(prompt, max_chars=max_chars)
 
 
 class ContentPart(BaseModel):
@@ -167,7 +168,7 @@ class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
 
-    def chat(self) -> list[dict[str, str]]:
+    def chat(self, max_chars: int) -> list[dict[str, str]]:
         raw: list[dict[str, Any]] = []
         for i, message in enumerate(self.messages):
             content = message.content
@@ -179,7 +180,7 @@ class ChatCompletionRequest(_OpenAIRequest):
                         )
                 content = "".join(part.text or "" for part in content)
             raw.append({"role": message.role, "content": content or ""})
-        return validate_chat(raw)
+        return validate_chat(raw, max_chars=max_chars)
 
 
 # --------------------------------------------------------------------------- errors
@@ -441,14 +442,16 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
         engine = served(body.model)
-        prompt = body.text()
+        prompt = body.text(max_prompt_chars(engine.model_info.max_model_len))
         params = body.params(max_tokens_default=16)  # OpenAI's default for completions
         created = int(time.time())
         cid = f"cmpl-{new_request_id()}"
         name = engine.model_info.name
+        # CPU work proportional to the (capped) prompt: off the event loop.
+        prompt_ids = await asyncio.to_thread(engine.tokenize, prompt)
 
         def build(engine: AsyncEngine) -> GenerationRequest:
-            return _request(engine.tokenize(prompt), params)
+            return _request(prompt_ids, params)
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
             return {
@@ -488,10 +491,10 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
         body: ChatCompletionRequest, request: Request
     ) -> Response | dict[str, Any]:
         engine = served(body.model)
-        messages = body.chat()
+        messages = body.chat(max_prompt_chars(engine.model_info.max_model_len))
         if body.max_tokens is None and body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        prompt_ids = engine.apply_chat_template(messages)
+        prompt_ids = await asyncio.to_thread(engine.apply_chat_template, messages)
         # OpenAI's chat default is "until the context is full".
         room = max(1, engine.model_info.max_model_len - len(prompt_ids))
         params = body.params(max_tokens_default=room)

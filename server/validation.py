@@ -21,6 +21,11 @@ from autoglm_server.errors import InvalidRequestError
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
+# Tokenizing is CPU work proportional to the text, so text is capped before it
+# reaches the tokenizer: no prompt that fits the context is longer than this
+# many characters per token of ``max_model_len`` (real text is about 4).
+MAX_PROMPT_CHARS_PER_TOKEN = 32
+SEED_MAX = 2**63  # exclusive; what every torch generator accepts
 ChatRole = Literal["system", "user", "assistant"]
 
 
@@ -39,7 +44,7 @@ class GenerationParams(BaseModel):
     top_k: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     stop: tuple[str, ...] = Field(default=(), max_length=MAX_STOP_SEQUENCES)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    seed: int | None = Field(default=None, ge=0, lt=SEED_MAX)
     ignore_eos: bool = False
     priority: int = Field(default=0, ge=0)
 
@@ -117,14 +122,36 @@ def validate_params(
         raise to_invalid_request(exc, wire_names) from None
 
 
+def validate_sampling(params: SamplingParams) -> None:
+    """Check SamplingParams built without :class:`GenerationParams` (the engine's intake)."""
+    values = {name: getattr(params, name) for name in SamplingParams.__dataclass_fields__}
+    try:
+        GenerationParams.model_validate(values)
+    except ValidationError as exc:
+        raise to_invalid_request(exc) from None
+
+
+def max_prompt_chars(max_model_len: int) -> int:
+    """The longest prompt text (characters) accepted for a model with this context."""
+    return MAX_PROMPT_CHARS_PER_TOKEN * max_model_len
+
+
 def validate_chat(
-    messages: Sequence[Mapping[str, Any]], field: str = "messages"
+    messages: Sequence[Mapping[str, Any]],
+    field: str = "messages",
+    *,
+    max_chars: int | None = None,
 ) -> list[dict[str, str]]:
-    """Check chat messages; return them in the engine's ``[{"role", "content"}]`` shape."""
+    """Check chat messages; return them in the engine's ``[{"role", "content"}]`` shape.
+
+    ``max_chars`` caps the total content of all messages (see :func:`max_prompt_chars`).
+    """
     try:
         chat = ChatIn.model_validate({"messages": list(messages)})
     except ValidationError as exc:
         raise to_invalid_request(exc, {"messages": field}) from None
+    if max_chars is not None and sum(len(m.content) for m in chat.messages) > max_chars:
+        raise InvalidRequestError(field, _too_long(max_chars))
     return [{"role": m.role, "content": m.content} for m in chat.messages]
 
 
@@ -137,7 +164,17 @@ def validate_request_id(value: str, field: str = "request_id") -> str:
     return value
 
 
-def validate_prompt(prompt: str, field: str = "prompt") -> str:
+def validate_prompt(prompt: str, field: str = "prompt", *, max_chars: int | None = None) -> str:
+    """A non-empty prompt of at most ``max_chars`` characters (see :func:`max_prompt_chars`)."""
     if not prompt:
         raise InvalidRequestError(field, "must not be empty")
+    if max_chars is not None and len(prompt) > max_chars:
+        raise InvalidRequestError(field, _too_long(max_chars))
     return prompt
+
+
+def _too_long(max_chars: int) -> str:
+    return (
+        f"must be at most {max_chars} characters "
+        f"({MAX_PROMPT_CHARS_PER_TOKEN} per token of the context limit)"
+    )

@@ -38,8 +38,10 @@ class BatchingConfig:
             )
         if self.max_queue_delay_ms < 0:
             raise ValueError(f"max_queue_delay_ms: must be >= 0, got {self.max_queue_delay_ms}")
-        if self.max_queue_length < 0:
-            raise ValueError(f"max_queue_length: must be >= 0, got {self.max_queue_length}")
+        if self.max_queue_length < 1:
+            # Every request waits in the queue until the next step admits it, so
+            # 0 would refuse all of them (RESOURCE_EXHAUSTED) even with free slots.
+            raise ValueError(f"max_queue_length: must be >= 1, got {self.max_queue_length}")
         if self.priority_levels < 1:
             raise ValueError(f"priority_levels: must be >= 1, got {self.priority_levels}")
 
@@ -48,7 +50,7 @@ class BatchingConfig:
 class EngineConfig:
     """Everything ``build_engine`` needs. Validated on construction."""
 
-    model: str  # local directory or hf://org/name@revision (offline, from the HF cache)
+    model: str  # local directory or hf://org/name@revision (HF cache; see loader.py)
     served_model_name: str | None = None  # None: the directory / repository name
     model_version: str = "local"  # revision label in APIs and metrics
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16

@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -48,6 +46,8 @@ from ..errors import (
     UnavailableError,
 )
 from ..metrics import EngineStats, Metrics
+from ..threads import run_in_daemon_thread
+from ..validation import validate_sampling
 from .api import (
     FinishReason,
     GenerationDelta,
@@ -61,10 +61,6 @@ from .loader import LoadedModel, load_model
 from .scheduler import RequestOutput, Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_LENGTH = 256
-_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 _Item = GenerationDelta | BaseException
 
@@ -90,8 +86,9 @@ class RequestStream(AsyncIterator[GenerationDelta]):
     A plain class rather than an async generator, for two reasons: admission
     (and its errors) happens in ``generate()`` itself, before the first
     ``await``; and dropping the stream (``break`` out of ``async for``, a
-    cancelled task) aborts the request at once via ``__del__``/``aclose``
-    instead of whenever the garbage collector finalises an async generator.
+    cancelled task: on the next loop turn) aborts the request promptly via
+    ``__del__``/``aclose`` instead of whenever the garbage collector finalises
+    an async generator.
     """
 
     def __init__(self, engine: LLMEngine, tracked: _Tracked) -> None:
@@ -111,7 +108,13 @@ class RequestStream(AsyncIterator[GenerationDelta]):
             raise StopAsyncIteration
         try:
             item = await self._tracked.queue.get()
-        except BaseException:  # cancelled while waiting: the consumer is gone
+        except asyncio.CancelledError:
+            # Cancelled while waiting: the consumer is going away. Abort on the
+            # next loop turn rather than now, so an owner that knows why (a
+            # deadline) can first abort with that status via ``abort(id, code)``.
+            asyncio.get_running_loop().call_soon(self._close)
+            raise
+        except BaseException:
             self._close()
             raise
         if isinstance(item, BaseException):
@@ -176,9 +179,12 @@ class LLMEngine:
         if self._thread is not None:
             raise RuntimeError("engine already started")
         self._loop = asyncio.get_running_loop()
-        loaded = await asyncio.to_thread(self._loader, self.config)
-        self._runner = await asyncio.to_thread(self._build_runner, loaded)
-        await asyncio.to_thread(self._runner.warmup)
+        # Daemon threads, not the default executor: a start-up abandoned on
+        # SIGTERM (this task cancelled) must not hold the process until the
+        # load finishes (see autoglm_server.threads).
+        loaded = await run_in_daemon_thread(self._loader, self.config)
+        self._runner = await run_in_daemon_thread(self._build_runner, loaded)
+        await run_in_daemon_thread(self._runner.warmup)
         self._loaded = loaded
         self._decoder = TokenDecoder(loaded.tokenizer)
         self._scheduler = Scheduler(self.config.batching, loaded.max_model_len)
@@ -293,9 +299,12 @@ class LLMEngine:
         self.metrics.on_arrival(len(request.prompt_token_ids))
         return RequestStream(self, tracked)
 
-    async def abort(self, request_id: str) -> None:
-        """Abort a request; its stream ends with ``FinishReason.ABORT``. Unknown ids are ignored."""
-        self._abort_now(request_id, code="CANCELLED", notify=True)
+    async def abort(self, request_id: str, code: str = "CANCELLED") -> None:
+        """Abort a request; its stream ends with ``FinishReason.ABORT``. Unknown ids are ignored.
+
+        ``code`` (a gRPC status name) is what ``autoglm_requests_total`` counts it as.
+        """
+        self._abort_now(request_id, code=code, notify=True)
 
     def stats(self) -> EngineStats:
         scheduler = self._scheduler
@@ -480,10 +489,14 @@ class LLMEngine:
         with self._lock:
             tracked = list(self._tracked.values())
             self._tracked.clear()
+        now = time.monotonic()
         deliveries: list[tuple[asyncio.Queue[_Item], _Item]] = []
         for t in tracked:
             t.done = True
             deliveries.append((t.queue, UnavailableError("the engine has failed")))
+            self.metrics.on_finish(
+                UnavailableError.grpc_code, e2e_s=now - t.request.arrival_time, ttft_s=_ttft(t)
+            )
         self._post(deliveries)
         loop = self._loop
         if self.on_fatal is not None and loop is not None and not loop.is_closed():
@@ -520,7 +533,12 @@ def _default_name(source: str) -> str:
 def validate_request(
     request: GenerationRequest, *, max_model_len: int, vocab_size: int, priority_levels: int
 ) -> None:
-    """Raise InvalidRequestError naming the first bad field. Pure; front ends may call it too."""
+    """Raise InvalidRequestError naming the first bad field. Pure.
+
+    Checks the limits that depend on the loaded model and the batching policy
+    (context length, vocabulary, priority levels); the sampling limits live in
+    one place, :mod:`autoglm_server.validation`, and are applied from there.
+    """
     prompt = request.prompt_token_ids
     n = len(prompt)
     if n == 0:
@@ -532,26 +550,7 @@ def validate_request(
         )
     if min(prompt) < 0 or max(prompt) >= vocab_size:
         raise InvalidRequestError("prompt", f"token ids must be in [0, {vocab_size})")
-    p = request.params
-    if not isinstance(p.max_new_tokens, int) or p.max_new_tokens < 1:
-        raise InvalidRequestError("max_new_tokens", f"must be >= 1, got {p.max_new_tokens}")
-    if not math.isfinite(p.temperature) or p.temperature < 0:
-        raise InvalidRequestError("temperature", f"must be >= 0, got {p.temperature}")
-    if not math.isfinite(p.top_p) or not 0 < p.top_p <= 1:
-        raise InvalidRequestError("top_p", f"must be in (0, 1], got {p.top_p}")
-    if not isinstance(p.top_k, int) or p.top_k < 0:
-        raise InvalidRequestError("top_k", f"must be >= 0, got {p.top_k}")
-    if not math.isfinite(p.repetition_penalty) or p.repetition_penalty <= 0:
-        raise InvalidRequestError("repetition_penalty", f"must be > 0, got {p.repetition_penalty}")
-    if len(p.stop) > MAX_STOP_SEQUENCES:
-        raise InvalidRequestError("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
-    for s in p.stop:
-        if not isinstance(s, str) or not s or len(s) > MAX_STOP_LENGTH:
-            raise InvalidRequestError(
-                "stop", f"stop sequences must be non-empty strings of at most {MAX_STOP_LENGTH}"
-            )
-    if p.seed is not None and (not isinstance(p.seed, int) or not _SEED_MIN <= p.seed <= _SEED_MAX):
-        raise InvalidRequestError("seed", "must be a 64-bit integer")
+    validate_sampling(request.params)
     if not 0 <= request.priority < priority_levels:
         raise InvalidRequestError("priority", f"must be in [0, {priority_levels})")
 
@@ -564,7 +563,3 @@ def build_engine(
 ) -> LLMEngine:
     """Create an engine (not started: ``await engine.start()`` loads and warms up)."""
     return LLMEngine(cfg, metrics=metrics, on_fatal=on_fatal)
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex

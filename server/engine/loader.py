@@ -4,9 +4,11 @@ Sources:
 
 - a local directory with ``config.json`` and safetensors weights (a mounted
   PVC or an init-container download ends up here too);
-- ``hf://org/name@revision``, resolved OFFLINE from the local Hugging Face
-  cache (``snapshot_download(local_files_only=True)``): the server never
-  downloads at run time, so a pod cannot start with weights nobody vetted.
+- ``hf://org/name@revision``, resolved through the Hugging Face cache
+  (``HF_HOME``). With ``HF_HUB_OFFLINE`` truthy (``1``, ``true``, ``yes``) the
+  revision must already be there (``snapshot_download(local_files_only=True)``,
+  never the network); otherwise a missing revision is downloaded into the
+  cache. Pin a revision and use a digest manifest to be sure what runs.
 
 With a digest manifest (``{"model.safetensors": "<hex>"}``) every listed file
 is hashed before anything is deserialised, and every weight file in the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -38,6 +41,7 @@ _HF_SOURCE = re.compile(r"^hf://(?P<repo>[\w.\-]+(?:/[\w.\-]+)?)(?:@(?P<rev>[\w.
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Config attributes that carry the trained context length, in order of preference.
 _CONTEXT_ATTRS = ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions")
+_TRUTHY = ("1", "true", "yes")
 
 
 @dataclass(slots=True)
@@ -55,8 +59,14 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
 
 
+def hf_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` says to stay off the network (``1``, ``true``, ``yes``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY
+
+
 def resolve_model_dir(source: str, *, cache_dir: str | Path | None = None) -> Path:
-    """Turn ``source`` into a local directory, without touching the network."""
+    """Turn ``source`` into a local directory (hf://: from the cache, or downloaded into it
+    unless :func:`hf_offline`)."""
     if source.startswith("hf://"):
         match = _HF_SOURCE.match(source)
         if match is None:
@@ -65,15 +75,19 @@ def resolve_model_dir(source: str, *, cache_dir: str | Path | None = None) -> Pa
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         repo, revision = match.group("repo"), match.group("rev")
+        offline = hf_offline()
         try:
             path = snapshot_download(
-                repo, revision=revision, cache_dir=cache_dir, local_files_only=True
+                repo, revision=revision, cache_dir=cache_dir, local_files_only=offline
             )
         except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as exc:
-            raise ModelLoadError(
-                f"model: {repo}@{revision or 'main'} is not in the local Hugging Face cache "
-                "(the server never downloads; pre-populate HF_HOME)"
-            ) from exc
+            where = (
+                "is not in the local Hugging Face cache (HF_HUB_OFFLINE is set; "
+                "pre-populate HF_HOME)"
+                if offline
+                else f"cannot be downloaded into the Hugging Face cache: {exc}"
+            )
+            raise ModelLoadError(f"model: {repo}@{revision or 'main'} {where}") from exc
         return Path(path)
     if "://" in source:
         scheme = source.split("://", 1)[0]

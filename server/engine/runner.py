@@ -324,6 +324,7 @@ class ModelRunner:
         decode_slots: list[int] = []
         decode_lens: list[int] = []
         prefills: list[_PrefillChunk] = []
+        prompt_index: list[int] = []  # packed positions of prompt tokens (repetition penalty)
         counting_decodes = True
         for seq in seqs:
             n = len(seq.token_ids)
@@ -331,6 +332,10 @@ class ModelRunner:
             input_ids.extend(seq.token_ids)
             positions.extend(range(seq.start_pos, seq.start_pos + n))
             write_slots.extend([seq.slot] * n)
+            if seq.is_prefill:
+                prompt_index.extend(range(start, start + n))
+            # Attention: any single token attends like a decode (a one-token
+            # prefill chunk included); only the penalty needs is_prefill.
             if n == 1 and counting_decodes:
                 num_decode += 1
                 decode_slots.append(seq.slot)
@@ -346,7 +351,13 @@ class ModelRunner:
         # One host->device copy for all the integer metadata.
         T, B = len(input_ids), len(sample_index)
         packed = torch.tensor(
-            input_ids + positions + write_slots + sample_index + sample_slots + decode_slots,
+            input_ids
+            + positions
+            + write_slots
+            + sample_index
+            + sample_slots
+            + decode_slots
+            + prompt_index,
             dtype=torch.int64,
         )
         if dev.type != "cpu":
@@ -356,7 +367,8 @@ class ModelRunner:
         write_t = packed[2 * T : 3 * T]
         sample_index_t = packed[3 * T : 3 * T + B]
         sample_slots_t = packed[3 * T + B : 3 * T + 2 * B]
-        decode_slots_t = packed[3 * T + 2 * B :]
+        decode_slots_t = packed[3 * T + 2 * B : 3 * T + 2 * B + num_decode]
+        prompt_index_t = packed[3 * T + 2 * B + num_decode :]
 
         decode_range: tuple[int, int] | None = None
         decode_mask: torch.Tensor | None = None
@@ -375,8 +387,8 @@ class ModelRunner:
                 chunk.mask = self._chunk_mask(chunk.start_pos, chunk.tok_end - chunk.tok_start)
 
         # The prompt tokens feed the repetition penalty of their slot.
-        if num_decode < T:
-            self._seen[write_t[num_decode:], ids_t[num_decode:]] = True
+        if prompt_index:
+            self._seen[write_t[prompt_index_t], ids_t[prompt_index_t]] = True
 
         meta = AttentionMetadata(
             k_cache=self.k_cache,
@@ -479,15 +491,24 @@ class ModelRunner:
         pos = [0] * rows
         write_pos = [self._scratch_pos] * rows
         sample_slots: list[int] = []
+        prompt_slots: list[int] = []  # one-token prefill chunks: their token is a prompt token
         for seq in seqs:
             ids[seq.slot] = seq.token_ids[0]
             pos[seq.slot] = write_pos[seq.slot] = seq.start_pos
             if seq.sample:
                 sample_slots.append(seq.slot)
-        host = torch.tensor(ids + pos + write_pos + sample_slots, dtype=torch.int64).pin_memory()
+            if seq.is_prefill:
+                prompt_slots.append(seq.slot)
+        host = torch.tensor(
+            ids + pos + write_pos + sample_slots + prompt_slots, dtype=torch.int64
+        ).pin_memory()
         packed = host.to(self.device, non_blocking=True)
         graph.inputs.copy_(packed[: 3 * rows].view(3, rows))
-        slots_t = packed[3 * rows :]
+        n_sample = len(sample_slots)
+        slots_t = packed[3 * rows : 3 * rows + n_sample]
+        if prompt_slots:
+            prompt_slots_t = packed[3 * rows + n_sample :]
+            self._seen[prompt_slots_t, graph.inputs[0].index_select(0, prompt_slots_t)] = True
         graph.graph.replay()
         if not sample_slots:
             return RunnerOutput(sampled_token_ids=[])
@@ -623,9 +644,11 @@ class ModelRunner:
         """
         params = SamplingParams(max_new_tokens=2, temperature=1.0, top_p=0.9, top_k=5, seed=0)
         prompt = [0] * min(8, self.max_model_len - 1)
-        prefill = ScheduledSeq("warmup", 0, prompt, 0, True, True, params)
+        prefill = ScheduledSeq("warmup", 0, prompt, 0, True, True, params, is_prefill=True)
         out = self.execute(SchedulerOutput(0, [prefill], len(prompt), []))
-        decode = ScheduledSeq("warmup", 0, out.sampled_token_ids, len(prompt), True, False, params)
+        decode = ScheduledSeq(
+            "warmup", 0, out.sampled_token_ids, len(prompt), True, False, params, is_prefill=False
+        )
         self.execute(SchedulerOutput(0, [decode], 1, []))
         self.execute(SchedulerOutput(0, [], 0, [0]))
         if self._graphs_enabled:

@@ -65,6 +65,10 @@ class ScheduledSeq:
     sample: bool  # True: sample the next token after this chunk (decode, or last prefill chunk)
     is_new: bool  # first chunk of a freshly admitted request: the runner resets slot state
     params: SamplingParams  # sampling settings (the runner reads them when is_new / sample)
+    # True: token_ids are prompt tokens (a prefill chunk, possibly of one token);
+    # False: the last sampled token (decode). Set by the scheduler; the runner
+    # must not infer it from len(token_ids), which is 1 for both.
+    is_prefill: bool = False
 
 
 @dataclass(slots=True)
@@ -207,6 +211,7 @@ class Scheduler:
                         sample=True,
                         is_new=False,
                         params=state.params,
+                        is_prefill=False,
                     )
                 )
                 budget -= 1
@@ -292,6 +297,7 @@ class Scheduler:
             sample=start + n == len(state.prompt_token_ids),
             is_new=is_new,
             params=state.params,
+            is_prefill=True,
         )
 
     def update(self, scheduled: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:

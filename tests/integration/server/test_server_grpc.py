@@ -3,6 +3,7 @@ deadlines, validation, reflection."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import grpc
@@ -96,6 +97,10 @@ def test_cancellation_frees_the_slot(server: ServerProcess, stub: pb_grpc.AutoGL
 def test_deadline_is_deadline_exceeded_and_frees_the_slot(
     server: ServerProcess, stub: pb_grpc.AutoGLMStub, streaming: bool
 ) -> None:
+    def finished(code: str) -> float:
+        return server.metric("autoglm_requests_total", default=0.0, code=code)
+
+    before = {code: finished(code) for code in ("DEADLINE_EXCEEDED", "CANCELLED")}
     req = pb.GenerateRequest(prompt="go", max_new_tokens=LONG, ignore_eos=True)
     with pytest.raises(grpc.RpcError) as info:
         if streaming:
@@ -104,6 +109,12 @@ def test_deadline_is_deadline_exceeded_and_frees_the_slot(
             stub.Generate(req, timeout=0.5)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     server.wait_metric("autoglm_running_requests", 0)
+    # Counted as the client saw it.
+    deadline = time.monotonic() + 10
+    while finished("DEADLINE_EXCEEDED") != before["DEADLINE_EXCEEDED"] + 1:
+        assert time.monotonic() < deadline, server.metrics()
+        time.sleep(0.02)
+    assert finished("CANCELLED") == before["CANCELLED"]
 
 
 def _chat(*messages: tuple[str, str]) -> dict[str, Any]:

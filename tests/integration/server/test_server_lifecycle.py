@@ -4,7 +4,9 @@ back-pressure, and a SIGTERM in the middle of a burst."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import signal
 import subprocess
 import time
@@ -35,6 +37,46 @@ def test_digest_mismatch_refuses_to_start(
     (line,) = [ln for ln in log.splitlines() if "model load failed" in ln]
     assert "model.safetensors" in line
     assert "does not match" in line
+    assert "Traceback" not in log
+
+
+def _open_writer_when_read(fifo: Path, server: ServerProcess, limit_s: float = 120) -> int:
+    """Wait until the server opens ``fifo`` for reading; return a write end that
+    keeps its read blocked (nothing is written until the fd is closed)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        assert server.proc.poll() is None, server.log()[-3000:]
+        assert time.monotonic() < deadline, "the server never read the manifest"
+        time.sleep(0.02)
+
+
+def test_sigterm_while_loading_exits_at_once(
+    tmp_path: Path, start_server: type[ServerProcess]
+) -> None:
+    # The digest manifest is a FIFO nobody writes to: the model load blocks
+    # reading it, as it would on a slow volume, for as long as the test likes.
+    fifo = tmp_path / "sha256.json"
+    os.mkfifo(fifo)
+    server = start_server("--sha256-file", str(fifo))
+    writer = _open_writer_when_read(fifo, server)
+    try:
+        assert server.health("") == "NOT_SERVING"
+        assert server.http.get("/healthz").status_code == 200
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            code = server.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"SIGTERM during the load did not exit:\n{server.log()[-3000:]}")
+    finally:
+        os.close(writer)  # unblocks the loader if the server is still there
+    log = server.log()
+    assert code == 0, log[-3000:]
+    assert "stopped during start-up" in log
     assert "Traceback" not in log
 
 

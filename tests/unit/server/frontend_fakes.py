@@ -58,8 +58,7 @@ class FakeStream(AsyncIterator[GenerationDelta]):
     async def aclose(self) -> None:
         if not self._done:
             self._done = True
-            self._engine.aborted.append(self._request.request_id)
-            self._engine.running.discard(self._request.request_id)
+            await self._engine.abort(self._request.request_id)
 
 
 class FakeEngine:
@@ -73,6 +72,7 @@ class FakeEngine:
         self.fail_mid_stream: BaseException | None = None
         self.requests: list[GenerationRequest] = []
         self.aborted: list[str] = []
+        self.abort_codes: dict[str, str] = {}  # request id -> the code it was aborted with
         self.running: set[str] = set()
         self.info = ModelInfo(
             name="fake",
@@ -107,7 +107,8 @@ class FakeEngine:
         self.running.add(request.request_id)
         return FakeStream(self, request)
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, code: str = "CANCELLED") -> None:
         if request_id in self.running:
             self.running.discard(request_id)
             self.aborted.append(request_id)
+            self.abort_codes[request_id] = code

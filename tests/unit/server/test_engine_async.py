@@ -21,10 +21,12 @@ from autoglm_server.engine.api import (  # noqa: E402
 from autoglm_server.engine.config import BatchingConfig, EngineConfig  # noqa: E402
 from autoglm_server.engine.engine import EngineStepError, LLMEngine, build_engine  # noqa: E402
 from autoglm_server.errors import (  # noqa: E402
+    DeadlineExceededError,
     InvalidRequestError,
     QueueFullError,
     UnavailableError,
 )
+from autoglm_server.frontend import GenerationStream  # noqa: E402
 
 LONG = SamplingParams(max_new_tokens=400, ignore_eos=True, temperature=0.0)
 
@@ -145,6 +147,29 @@ async def test_cancelled_consumer_aborts(engine: LLMEngine) -> None:
     assert finished(engine, "CANCELLED") == 1 and finished(engine, "OK") == 0
 
 
+async def test_abort_is_counted_under_the_code_it_carries(engine: LLMEngine) -> None:
+    stream = engine.generate(request("late", [5, 6, 7], LONG))
+    await stream.__anext__()
+    await engine.abort("late", "DEADLINE_EXCEEDED")
+    assert finished(engine, "DEADLINE_EXCEEDED") == 1 and finished(engine, "CANCELLED") == 0
+
+
+async def test_deadline_while_waiting_is_counted_as_deadline_exceeded(engine: LLMEngine) -> None:
+    # A deadline cancels the consumer while it waits inside the engine stream;
+    # the front end's stream then aborts with DEADLINE_EXCEEDED, and that is
+    # the code counted, not the CANCELLED of the cancellation itself.
+    with pytest.raises(DeadlineExceededError):
+        async with GenerationStream(engine, request("late", [5, 6, 7], LONG)) as stream:
+            try:
+                async with asyncio.timeout(0.05):
+                    async for _ in stream:
+                        pass
+            except TimeoutError:
+                raise DeadlineExceededError("deadline exceeded") from None
+    await wait_for(lambda: engine.stats().running == 0)
+    assert finished(engine, "DEADLINE_EXCEEDED") == 1 and finished(engine, "CANCELLED") == 0
+
+
 async def test_abort_by_id_ends_the_stream_with_abort(engine: LLMEngine) -> None:
     stream = engine.generate(request("victim", [5, 6, 7], LONG))
     await stream.__anext__()
@@ -192,6 +217,11 @@ async def test_queue_overflow_raises_at_once(tiny_model_dir: Path) -> None:
         ("repetition_penalty", request("a", [5], SamplingParams(repetition_penalty=0.0))),
         ("stop", request("a", [5], SamplingParams(stop=("",)))),
         ("seed", request("a", [5], SamplingParams(seed=2**70))),
+        # The engine applies the front ends' limits (validation.py), not looser ones.
+        ("seed", request("a", [5], SamplingParams(seed=-1))),
+        ("temperature", request("a", [5], SamplingParams(temperature=2.5))),
+        ("repetition_penalty", request("a", [5], SamplingParams(repetition_penalty=11.0))),
+        ("stop", request("a", [5], SamplingParams(stop=("x",) * 17))),
         ("priority", GenerationRequest("a", [5], SamplingParams(), priority=1)),
         ("request_id", request("", [5])),
     ],
@@ -282,6 +312,8 @@ async def test_loop_death_is_fatal_and_reported(tiny_model_dir: Path) -> None:
         eng._scheduler.schedule = broken  # type: ignore[method-assign]
         with pytest.raises(UnavailableError):
             await collect(eng, request("x", [5]))
+        # The request the death failed is counted once, as its client saw it.
+        assert finished(eng, "UNAVAILABLE") == 1
         await wait_for(lambda: bool(fatal))
         assert not eng.is_ready()
         assert "scheduler bug" in str(fatal[0])

@@ -107,6 +107,34 @@ def test_hf_source_resolves_offline_from_the_cache(
         resolve_model_dir("hf://a/b/c")
 
 
+@pytest.mark.parametrize(
+    ("env", "offline"),
+    [(None, False), ("0", False), ("false", False), ("1", True), ("TRUE", True), ("yes", True)],
+)
+def test_hf_source_downloads_unless_hf_hub_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: str | None, offline: bool
+) -> None:
+    # Only HF_HUB_OFFLINE keeps the loader off the network; the download
+    # itself is stubbed so the test stays offline.
+    import huggingface_hub
+
+    calls: list[dict[str, object]] = []
+
+    def fake_snapshot_download(repo_id: str, **kwargs: object) -> str:
+        calls.append({"repo_id": repo_id, **kwargs})
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    if env is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", env)
+    assert resolve_model_dir("hf://acme/tiny-glm@v1") == tmp_path
+    (call,) = calls
+    assert call["repo_id"] == "acme/tiny-glm" and call["revision"] == "v1"
+    assert call["local_files_only"] is offline
+
+
 def test_cuda_without_a_gpu_is_a_load_error(tiny_model_dir: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -119,8 +147,9 @@ def test_engine_config_validation_names_the_field() -> None:
         EngineConfig(model="m", dtype="int8")
     with pytest.raises(ValueError, match="device"):
         EngineConfig(model="m", device="tpu")
-    with pytest.raises(ValueError, match="max_model_len"):
+    with pytest.raises(ValueError, match=r"^max_model_len: must be >= 2"):
         EngineConfig(model="m", max_model_len=1)
+    assert EngineConfig(model="m", max_model_len=2).max_model_len == 2
     assert EngineConfig(model="m", device="cuda:1").device == "cuda:1"
 
 

@@ -10,11 +10,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from autoglm_server.engine.api import SamplingParams  # noqa: E402
+from autoglm_server.engine.api import GenerationRequest, SamplingParams  # noqa: E402
+from autoglm_server.engine.config import BatchingConfig  # noqa: E402
 from autoglm_server.engine.runner import ModelRunner  # noqa: E402
 from autoglm_server.engine.scheduler import (  # noqa: E402
     RunnerOutput,
     ScheduledSeq,
+    Scheduler,
     SchedulerOutput,
 )
 
@@ -80,6 +82,7 @@ def run_greedy(
                     end == len(p),
                     first[i],
                     GREEDY,
+                    is_prefill=True,
                 )
             )
             first[i] = False
@@ -157,7 +160,7 @@ def sample_run(
 ) -> list[list[int]]:
     prompts = [PROMPTS[0]] * len(params_list)
     seqs = [
-        ScheduledSeq(str(i), slots[i], prompts[i], 0, True, True, p)
+        ScheduledSeq(str(i), slots[i], prompts[i], 0, True, True, p, is_prefill=True)
         for i, p in enumerate(params_list)
     ]
     out: RunnerOutput = runner.execute(SchedulerOutput(1, seqs, 0, []))
@@ -220,6 +223,48 @@ def test_repetition_penalty_matches_hf_generate(tiny_model_dir: Path) -> None:
     )[0, len(PROMPTS[0]) :].tolist()
     assert got[0] == expected
     assert got[1] != expected  # the penalty made a difference, and only where asked
+
+
+# Prompts whose unpenalised greedy continuation (tiny model) repeats a prompt
+# token: after [201] the second token is 201 again, after [3, 5, 6] the fourth is 6.
+@pytest.mark.parametrize(
+    ("prompt", "budget"),
+    [([201], 8), ([201], 1), ([3, 5, 6], 1), ([3, 5, 6], 2)],
+    ids=["one-token-prompt", "one-token-budget", "one-token-chunks", "chunks-beside-a-decode"],
+)
+def test_repetition_penalty_sees_one_token_prompts_and_chunks(
+    tiny_model_dir: Path, prompt: list[int], budget: int
+) -> None:
+    # Through the real scheduler: a token budget of 1 (or 2, with a decode
+    # running alongside) makes prefill chunks of a single token, which look
+    # like decodes by length.
+    runner = make_runner(tiny_model_dir, num_slots=2)
+    config = BatchingConfig(max_batch_size=min(budget, 2), max_batch_tokens=budget)
+    sched = Scheduler(config, 128)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, repetition_penalty=10.0)
+    if budget == 2:
+        sched.add_request(GenerationRequest("other", [7], GREEDY))
+        step = sched.schedule()
+        sched.update(step, runner.execute(step))
+    sched.add_request(GenerationRequest("r", prompt, params))
+    got: list[int] = []
+    while sched.get("r") is not None:
+        step = sched.schedule()
+        mine = [s for s in step.seqs if s.request_id == "r"]
+        assert all(s.is_prefill == (s.start_pos < len(prompt)) for s in mine)
+        for out in sched.update(step, runner.execute(step)):
+            if out.request_id == "r":
+                got += out.new_token_ids
+
+    reference = load(tiny_model_dir)
+    ids = torch.tensor([prompt])
+    kwargs: dict[str, Any] = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None}
+    expected = reference.generate(ids, repetition_penalty=10.0, **kwargs)[0, len(prompt) :]
+    assert got == expected.tolist()
+    # The case is meaningful: without the penalty a prompt token comes back.
+    unpenalised = reference.generate(ids, **kwargs)[0, len(prompt) :].tolist()
+    assert set(prompt) & set(unpenalised)
+    assert not set(prompt) & set(got)
 
 
 def test_unsupported_attention_fails_with_a_clear_error(tiny_model_dir: Path) -> None:

@@ -277,9 +277,17 @@ def test_decodes_are_ordered_by_slot() -> None:
         ("max_batch_tokens", {"max_batch_size": 64, "max_batch_tokens": 32}),
         ("max_queue_delay_ms", {"max_queue_delay_ms": -1}),
         ("max_queue_length", {"max_queue_length": -1}),
+        # 0 would refuse every request (RESOURCE_EXHAUSTED) even with free slots.
+        ("max_queue_length", {"max_queue_length": 0}),
         ("priority_levels", {"priority_levels": 0}),
     ],
 )
 def test_batching_config_validation_names_the_field(field: str, kwargs: dict[str, int]) -> None:
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=f"^{field}: must be"):
         BatchingConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_queue_of_one_admits_with_free_slots() -> None:
+    sched, _ = make(max_batch_size=2, max_queue_length=1)
+    sched.add_request(GenerationRequest("a", [1, 2], SamplingParams(max_new_tokens=2)), [EOS])
+    assert sched.schedule().seqs[0].request_id == "a"

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -25,6 +27,7 @@ from autoglm_server.proto import grpc_predict_v2_pb2 as v2
 from autoglm_server.proto import grpc_predict_v2_pb2_grpc as v2_grpc
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2 as pb
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2_grpc as pb_grpc
+from autoglm_server.validation import max_prompt_chars
 
 
 @dataclass
@@ -226,6 +229,83 @@ async def test_deadline_is_deadline_exceeded_and_aborts(h: Harness) -> None:
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         (req,) = h.engine.requests
         await _eventually(lambda req=req: req.request_id in h.engine.aborted)
+
+
+async def test_deadline_abort_is_counted_as_deadline_exceeded(h: Harness) -> None:
+    # The engine counts an aborted request under the code it is given: it must
+    # be the one the client sees, not CANCELLED.
+    h.engine.step_s = 0.02
+    for call in (h.stub.Generate, h.stub.GenerateStream):
+        h.engine.requests.clear()
+        with pytest.raises(grpc.aio.AioRpcError):
+            result = call(pb.GenerateRequest(prompt="a", max_new_tokens=1000), timeout=0.3)
+            if isinstance(result, grpc.aio.UnaryStreamCall):
+                async for _ in result:
+                    pass
+            else:
+                await result
+        (req,) = h.engine.requests
+        await _eventually(lambda req=req: req.request_id in h.engine.abort_codes)
+        assert h.engine.abort_codes[req.request_id] == "DEADLINE_EXCEEDED"
+
+
+async def test_prompt_over_the_size_cap_is_invalid_argument(h: Harness) -> None:
+    too_long = "x" * (max_prompt_chars(h.engine.info.max_model_len) + 1)
+    chat = pb.GenerateRequest()
+    chat.chat.messages.add(role="user", content=too_long)
+    calls = [
+        (h.stub.Generate(pb.GenerateRequest(prompt=too_long)), "prompt"),
+        (h.stub.Generate(chat), "chat.messages"),
+        (h.stub.Tokenize(pb.TokenizeRequest(text=too_long)), "text"),
+        (h.v2.ModelInfer(_infer_request(too_long.encode())), "inputs[0].contents"),
+    ]
+    tokenized: list[str] = []
+    h.engine.tokenize = lambda text: tokenized.append(text) or []  # type: ignore[method-assign]
+    for call, field in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith(f"{field}: must be at most"), info.value.details()
+    assert tokenized == [] and h.engine.requests == []
+
+
+async def test_oversized_message_is_refused_before_parsing(h: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await h.stub.Generate(pb.GenerateRequest(prompt="x" * (5 * 1024 * 1024)))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert h.engine.requests == []
+
+
+async def test_tokenizing_does_not_block_the_event_loop(h: Harness) -> None:
+    # A slow tokenizer (a long prompt) must not stall health checks or other streams.
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+    fast = h.engine.tokenize
+
+    def slow_tokenize(text: str) -> list[int]:
+        started.set()
+        release.wait(3)  # on the event loop's thread, this would hold everything for 3 s
+        finished.set()
+        return fast(text)
+
+    h.engine.tokenize = slow_tokenize  # type: ignore[method-assign]
+    calls: list[Callable[[], Any]] = [
+        lambda: h.stub.Generate(pb.GenerateRequest(prompt="a", max_new_tokens=1)),
+        lambda: h.stub.Tokenize(pb.TokenizeRequest(text="a")),
+        lambda: h.v2.ModelInfer(_infer_request(b"a")),
+    ]
+    for start in calls:
+        started.clear()
+        release.clear()
+        finished.clear()
+        call = asyncio.ensure_future(start())
+        try:
+            assert await asyncio.to_thread(started.wait, 5)
+            check = h.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+            assert (await check).status == health_pb2.HealthCheckResponse.SERVING
+            assert not finished.is_set()  # health answered while the tokenizer worked
+        finally:
+            release.set()
+        await call
 
 
 async def test_not_ready_and_draining_refuse_with_unavailable(h: Harness) -> None:

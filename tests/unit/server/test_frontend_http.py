@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +16,7 @@ from frontend_fakes import FakeEngine
 from autoglm_server import errors
 from autoglm_server.frontend import Phase, ServerState
 from autoglm_server.http_server import build_http_app, build_metrics_app
+from autoglm_server.validation import max_prompt_chars
 
 
 @dataclass
@@ -166,6 +169,63 @@ async def test_bad_input_is_400_naming_the_field(
     assert error["param"] == param
     assert error["message"].startswith(f"{param}: ")
     assert h.engine.requests == []
+
+
+async def test_prompt_over_the_size_cap_is_400(h: Harness) -> None:
+    too_long = "x" * (max_prompt_chars(h.engine.info.max_model_len) + 1)
+    cases = [
+        ("/v1/completions", {"prompt": too_long}, "prompt"),
+        ("/v1/completions", {"prompt": too_long, "stream": True}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": too_long}]}, "messages"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": too_long}], "stream": True},
+            "messages",
+        ),
+    ]
+    for path, body, param in cases:
+        resp = await h.client.post(path, json=body)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["param"] == param
+        assert error["message"].startswith(f"{param}: must be at most")
+    assert h.engine.requests == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("path", "body", "method"),
+    [
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 1}, "tokenize"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+            "apply_chat_template",
+        ),
+    ],
+)
+async def test_tokenizing_does_not_block_the_event_loop(
+    h: Harness, path: str, body: dict[str, Any], method: str, stream: bool
+) -> None:
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+    fast = getattr(h.engine, method)
+
+    def slow(arg: Any) -> list[int]:
+        started.set()
+        release.wait(3)  # on the event loop's thread, this would hold everything for 3 s
+        finished.set()
+        return list(fast(arg))
+
+    setattr(h.engine, method, slow)
+    call = asyncio.ensure_future(h.client.post(path, json={**body, "stream": stream}))
+    try:
+        assert await asyncio.to_thread(started.wait, 5)
+        async with asyncio.timeout(1.0):
+            assert (await h.client.get("/readyz")).status_code == 200
+        assert not finished.is_set()  # answered while the tokenizer worked
+    finally:
+        release.set()
+    assert (await call).status_code == 200
 
 
 async def test_invalid_json_is_400(h: Harness) -> None:
