@@ -196,7 +196,11 @@ def ensure_binaries(names: tuple[str, ...] = ALL_BINARIES) -> dict[str, Path]:
     found = {n: find_binary(n) for n in names}
     to_build = tuple(n for n, r in found.items() if r is None)
     if to_build:
-        log.info("building %s into %s (a cold build takes about 10 minutes on 2 cores)", to_build, bin_dir())
+        log.info(
+            "building %s into %s (a cold build takes about 10 minutes on 2 cores)",
+            to_build,
+            bin_dir(),
+        )
         build_binaries(to_build)
     paths: dict[str, Path] = {}
     for name in names:
