@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CRD = ROOT / "crds" / "serving.autoglm.io_autoglmdeployments.yaml"
 
 
 def git_commit() -> dict[str, Any]:
@@ -47,13 +45,6 @@ def git_commit() -> dict[str, Any]:
         "sha": git("rev-parse", "HEAD") or "unknown",
         "dirty": bool(git("status", "--porcelain")),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -178,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8)
     args = parser.parse_args(argv)
 
-    from autoglm_dev.cluster import ExistingCluster, LocalCluster
+    from autoglm_dev.cluster import ExistingCluster, LocalCluster, free_port, install_crd
 
     workdir = Path(tempfile.mkdtemp(prefix="autoglm-bench-"))
     cluster: Any
@@ -199,13 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     operator: subprocess.Popen[bytes] | None = None
     log_path = workdir / "operator.log"
     try:
-        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-        cluster.kubectl(
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/autoglmdeployments.serving.autoglm.io",
-        )
+        install_crd(cluster)
         cluster.kubectl("create", "namespace", namespace)
         port = free_port()
         env = {

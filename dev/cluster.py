@@ -41,6 +41,11 @@ GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 # Order of start; stop goes in reverse.
 KWOK_STAGES = Path(__file__).resolve().parent / "kwok-stages.yaml"
+# The API of record; the chart and manifests/base carry generated copies.
+CRD_FILE = (
+    Path(__file__).resolve().parents[1] / "crds" / "serving.autoglm.io_autoglmdeployments.yaml"
+)
+CRD_NAME = "autoglmdeployments.serving.autoglm.io"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 
 
@@ -78,7 +83,8 @@ class ComponentStatus:
     log_tail: str
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for the control plane, the demo and benchmarks)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -167,6 +173,7 @@ class LocalCluster:
         self.kubeconfig = workdir / "kubeconfig"
         self.state_path = workdir / "state.json"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._kubectl: Path | None = None  # resolved on first use
 
     # ---- inspection -------------------------------------------------------
 
@@ -214,18 +221,18 @@ class LocalCluster:
                 "kubectl",
             )
         )
-        self.kubectl_bin = bins["kubectl"]
+        self._kubectl = bins["kubectl"]
         started = time.monotonic()
         if self.workdir.exists():
             shutil.rmtree(self.workdir)
         (self.workdir / "logs").mkdir(parents=True)
         pki = write_pki(self.workdir / "pki")
         ports = {
-            "etcd": _free_port(),
-            "etcd-peer": _free_port(),
-            "kube-apiserver": _free_port(),
-            "kube-controller-manager": _free_port(),
-            "kube-scheduler": _free_port(),
+            "etcd": free_port(),
+            "etcd-peer": free_port(),
+            "kube-apiserver": free_port(),
+            "kube-controller-manager": free_port(),
+            "kube-scheduler": free_port(),
         }
         server = f"https://127.0.0.1:{ports['kube-apiserver']}"
         state = ClusterState(
@@ -291,9 +298,10 @@ class LocalCluster:
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        kubectl = getattr(self, "kubectl_bin", None) or ensure_binaries(("kubectl",))["kubectl"]
+        if self._kubectl is None:
+            self._kubectl = ensure_binaries(("kubectl",))["kubectl"]
         return run_kubectl(
-            str(kubectl), self.kubeconfig, args, input=input, check=check, timeout=timeout
+            str(self._kubectl), self.kubeconfig, args, input=input, check=check, timeout=timeout
         )
 
     def apply_nodes(self, count: int) -> None:
@@ -581,3 +589,10 @@ def run_kubectl(
     if check and proc.returncode != 0:
         raise ClusterError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc
+
+
+def install_crd(cluster: LocalCluster | ExistingCluster) -> Path:
+    """Server-side apply the AutoGLMDeployment CRD and wait until it is served."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD_NAME}")
+    return CRD_FILE

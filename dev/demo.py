@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from .binaries import cache_root
-from .cluster import LocalCluster
+from .cluster import CRD_NAME, LocalCluster, free_port, install_crd
 from .waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,13 +35,6 @@ def _step(text: str) -> None:
 def _show(cluster: LocalCluster, *args: str) -> None:
     print(f"$ kubectl {' '.join(args)}")
     print(cluster.kubectl(*args).stdout.rstrip(), flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -82,14 +74,8 @@ def run_demo(cluster: LocalCluster, keep: bool = False) -> int:
         _show(cluster, "get", "nodes", "-L", "nvidia.com/gpu.product", "-L", "nvidia.com/gpu.count")
 
         _step("2/5 The AutoGLMDeployment CRD")
-        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        cluster.kubectl(
-            "wait",
-            "--for=condition=Established",
-            "crd/autoglmdeployments.serving.autoglm.io",
-            "--timeout=60s",
-        )
-        _show(cluster, "get", "crd", "autoglmdeployments.serving.autoglm.io")
+        install_crd(cluster)
+        _show(cluster, "get", "crd", CRD_NAME)
 
         _step("3/5 The operator reconciles manifests/examples/minimal.yaml")
         logs = cluster.workdir / "logs"
@@ -138,7 +124,7 @@ def run_demo(cluster: LocalCluster, keep: bool = False) -> int:
         from autoglm_server.testing import build_tiny_model
 
         model_dir = build_tiny_model(cache_root() / "demo" / "tiny-glm4")
-        grpc_port, http_port = _free_port(), _free_port()
+        grpc_port, http_port = free_port(), free_port()
         srv_log = logs / "server.log"
         server = _spawn(
             [

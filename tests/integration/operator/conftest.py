@@ -16,21 +16,14 @@ from typing import Any
 import pytest
 from operator_helpers import Kube, OperatorProcess, start_operator
 
-ROOT = Path(__file__).resolve().parents[3]
-CRD = ROOT / "crds" / "serving.autoglm.io_autoglmdeployments.yaml"
+from autoglm_dev.cluster import install_crd
+
 RESYNC_SECONDS = 4.0
 
 
 @pytest.fixture(scope="session")
 def crd(cluster: Any) -> Path:
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    cluster.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/autoglmdeployments.serving.autoglm.io",
-    )
-    return CRD
+    return install_crd(cluster)
 
 
 @pytest.fixture(scope="session")
