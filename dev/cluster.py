@@ -47,6 +47,9 @@ CRD_FILE = (
 )
 CRD_NAME = "autoglmdeployments.serving.autoglm.io"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+# Seconds from SIGTERM to SIGKILL. The apiserver's HTTP server waits up to 60 s
+# for requests still open (watches that the grace period below did not close).
+STOP_TIMEOUT_S = {"kube-apiserver": 70.0}
 
 
 class ClusterError(RuntimeError):
@@ -279,8 +282,14 @@ class LocalCluster:
         log.info("control plane up in %.1fs at %s", time.monotonic() - started, server)
         return state
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """Stop every component (reverse order), SIGTERM then SIGKILL, and reap."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop every component (reverse order), SIGTERM then SIGKILL, and reap.
+
+        Each component gets ``timeout_s`` (default: ``STOP_TIMEOUT_S``) to exit
+        after SIGTERM. The apiserver drains its watches within
+        ``--shutdown-watch-termination-grace-period`` and closes the rest of its
+        server within 60 s, so it gets longer than that before SIGKILL.
+        """
         state = self.load_state()
         pids: dict[str, int] = dict(state.pids) if state else {}
         pids.update({n: p.pid for n, p in self._procs.items()})
@@ -288,7 +297,8 @@ class LocalCluster:
             pid = pids.get(name)
             if pid is None:
                 continue
-            self._terminate(name, pid, timeout_s)
+            wait = timeout_s if timeout_s is not None else STOP_TIMEOUT_S.get(name, 15.0)
+            self._terminate(name, pid, wait)
         self._procs.clear()
         if self.state_path.exists():
             self.state_path.unlink()
@@ -482,6 +492,9 @@ class LocalCluster:
             "--disable-admission-plugins=ServiceAccount",
             "--endpoint-reconciler-type=none",
             "--profiling=false",
+            # Close open watches at shutdown (rate limited) instead of letting
+            # them hold the HTTP server for its 60 s shutdown timeout.
+            "--shutdown-watch-termination-grace-period=5s",
             # Audit every write, so tests can count what the operator changed.
             f"--audit-policy-file={self._write_audit_policy()}",
             f"--audit-log-path={self.workdir / 'logs' / 'audit.log'}",
