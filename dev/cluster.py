@@ -25,6 +25,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -46,10 +47,17 @@ CRD_FILE = (
     Path(__file__).resolve().parents[1] / "crds" / "serving.autoglm.io_autoglmdeployments.yaml"
 )
 CRD_NAME = "autoglmdeployments.serving.autoglm.io"
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+COMPONENTS = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "agent",  # the node agent of the live nodes (autoglm_dev.agent), when asked for
+)
 # Seconds from SIGTERM to SIGKILL. The apiserver's HTTP server waits up to 60 s
 # for requests still open (watches that the grace period below did not close).
-STOP_TIMEOUT_S = {"kube-apiserver": 70.0}
+STOP_TIMEOUT_S = {"kube-apiserver": 70.0, "agent": 20.0}
 
 
 class ClusterError(RuntimeError):
@@ -167,9 +175,14 @@ class LocalCluster:
         gpus_per_node: int = 8,
         gpu_product: str = GPU_PRODUCT,
         die_with_parent: bool = False,
+        live_nodes: int = 0,
+        max_processes: int = 6,
     ) -> None:
         self.workdir = workdir
         self.nodes = nodes
+        # Nodes whose pods really run (autoglm_dev.agent), beside kwok's simulated ones.
+        self.live_nodes = live_nodes
+        self.max_processes = max_processes
         self.gpus_per_node = gpus_per_node
         self.gpu_product = gpu_product
         self.die_with_parent = die_with_parent
@@ -268,6 +281,8 @@ class LocalCluster:
                 "kube-scheduler", bins["kube-scheduler"], self._scheduler_args(ports), state
             )
             self._spawn("kwok", bins["kwok"], self._kwok_args(), state)
+            if self.live_nodes:
+                self._spawn("agent", Path(sys.executable), self._agent_args(), state)
             for name in ("kube-controller-manager", "kube-scheduler"):
                 url = f"https://127.0.0.1:{ports[name]}/healthz"
                 self._wait(name, functools.partial(self._http_ok, url, insecure=True), deadline)
@@ -281,6 +296,19 @@ class LocalCluster:
         self.state_path.write_text(json.dumps(asdict(state), indent=2))
         log.info("control plane up in %.1fs at %s", time.monotonic() - started, server)
         return state
+
+    def start_agent(self, live_nodes: int = 1, timeout_s: float = 60.0) -> None:
+        """Start the node agent with ``live_nodes`` live nodes on a running
+        cluster, unless it runs already; returns when its nodes are Ready."""
+        state = self.load_state()
+        if state is None:
+            raise ClusterError("the control plane is not running")
+        pid = state.pids.get("agent")
+        if pid is not None and _pid_alive(pid):
+            return
+        self.live_nodes = live_nodes
+        self._spawn("agent", Path(sys.executable), self._agent_args(), state)
+        self._wait("agent", self._nodes_ready, time.monotonic() + timeout_s)
 
     def stop(self, timeout_s: float | None = None) -> None:
         """Stop every component (reverse order), SIGTERM then SIGKILL, and reap.
@@ -415,7 +443,7 @@ class LocalCluster:
                 for c in n.get("status", {}).get("conditions", [])
             )
         ]
-        return len(ready) >= self.nodes
+        return len(ready) >= self.nodes + self.live_nodes
 
     def _default_sa_ready(self) -> bool:
         # The service-account controller is a sign that controller-manager's
@@ -555,6 +583,17 @@ class LocalCluster:
             "--cidr=10.0.0.1/24",
             "--node-ip=10.0.0.1",
             "--node-lease-duration-seconds=40",
+        ]
+
+    def _agent_args(self) -> list[str]:
+        return [
+            "-m",
+            "autoglm_dev.agent",
+            f"--workdir={self.workdir}",
+            f"--kubeconfig={self.kubeconfig}",
+            f"--nodes={self.live_nodes}",
+            f"--gpus={self.gpus_per_node}",
+            f"--max-processes={self.max_processes}",
         ]
 
 
