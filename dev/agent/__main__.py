@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="the cluster's work directory")
     p.add_argument("--kubeconfig", required=True)
     p.add_argument("--nodes", type=int, default=1, help="live nodes gpu-live-0..N-1")
+    p.add_argument("--first-node", type=int, default=0, help="index of the first live node")
     p.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu per live node")
     p.add_argument("--max-processes", type=int, default=6, help="cap on live server processes")
     p.add_argument("--backoff-initial", type=float, default=10.0, help="first restart delay, s")
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir=workdir,
         kubeconfig=Path(args.kubeconfig),
         nodes=args.nodes,
+        first_node=args.first_node,
         gpus_per_node=args.gpus,
         max_processes=args.max_processes,
         backoff_initial_s=args.backoff_initial,

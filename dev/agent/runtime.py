@@ -72,6 +72,7 @@ class AgentConfig:
     workdir: Path
     kubeconfig: Path
     nodes: int = 1
+    first_node: int = 0  # nodes gpu-live-<first>..<first+nodes-1> (a second agent takes others)
     gpus_per_node: int = 8
     max_processes: int = 6
     backoff_initial_s: float = 10.0
@@ -82,6 +83,10 @@ class AgentConfig:
     server_bin: str = ""
     kubelet_version: str = "v0.0.0"
     models_root: Path | None = None
+
+    @property
+    def indices(self) -> range:
+        return range(self.first_node, self.first_node + self.nodes)
 
     @property
     def models(self) -> Path:
@@ -105,8 +110,8 @@ class NodeAgent:
         self.workers: dict[str, PodWorker] = {}
         self.live_processes = 0
         self.slot_freed = asyncio.Event()
-        self._ips: dict[int, dict[str, str]] = {i: {} for i in range(config.nodes)}  # ip -> uid
-        self._last_ip: dict[int, str | None] = {i: None for i in range(config.nodes)}
+        self._ips: dict[int, dict[str, str]] = {i: {} for i in config.indices}  # ip -> uid
+        self._last_ip: dict[int, str | None] = {i: None for i in config.indices}
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -116,11 +121,11 @@ class NodeAgent:
             (self.config.workdir / sub).mkdir(parents=True, exist_ok=True)
         await self.register_nodes()
         self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
-        for i in range(self.config.nodes):
+        for i in self.config.indices:
             self._tasks.append(asyncio.create_task(self._watch_node(i), name=f"watch-{i}"))
         log.info(
             "node agent up: nodes %s, at most %d server processes",
-            ", ".join(plan.live_node_name(i) for i in range(self.config.nodes)),
+            ", ".join(plan.live_node_name(i) for i in self.config.indices),
             self.config.max_processes,
         )
         await stop.wait()
@@ -138,7 +143,7 @@ class NodeAgent:
     # ---- nodes -----------------------------------------------------------------------
 
     async def register_nodes(self) -> None:
-        for i in range(self.config.nodes):
+        for i in self.config.indices:
             node = plan.build_live_node(i, self.config.gpus_per_node)
             name = node["metadata"]["name"]
             created = await self.kube.create("/api/v1/nodes", node)
@@ -185,7 +190,7 @@ class NodeAgent:
         while True:
             await asyncio.sleep(10)
             beats += 1
-            for i in range(self.config.nodes):
+            for i in self.config.indices:
                 try:
                     await self._renew_lease(i)
                     if beats % 6 == 0:
