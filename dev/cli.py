@@ -26,7 +26,10 @@ from .waiting import WaitTimeout
 def _cluster(args: argparse.Namespace) -> LocalCluster:
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.name)
     return LocalCluster(
-        workdir, nodes=getattr(args, "nodes", 4), gpus_per_node=getattr(args, "gpus", 8)
+        workdir,
+        nodes=getattr(args, "nodes", 4),
+        gpus_per_node=getattr(args, "gpus", 8),
+        live_nodes=getattr(args, "live_nodes", 0),
     )
 
 
@@ -126,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = csub.add_parser("up", help="start the control plane and GPU nodes")
     up.add_argument("--nodes", type=int, default=4, help="kwok GPU nodes to create")
     up.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu per node")
+    up.add_argument(
+        "--live-nodes",
+        type=int,
+        default=0,
+        help="GPU nodes whose pods run real server processes (the node agent; dev/README.md)",
+    )
     up.set_defaults(func=cmd_up)
     csub.add_parser("down", help="stop it").set_defaults(func=cmd_down)
     csub.add_parser("status", help="component health").set_defaults(func=cmd_status)
