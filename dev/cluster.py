@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .binaries import ensure_binaries
-from .pki import PKIPaths, write_pki
+from .pki import PKIPaths, pki_paths, write_pki
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +309,29 @@ class LocalCluster:
         self.live_nodes = live_nodes
         self._spawn("agent", Path(sys.executable), self._agent_args(), state)
         self._wait("agent", self._nodes_ready, time.monotonic() + timeout_s)
+
+    def stop_apiserver(self) -> None:
+        """Stop the kube-apiserver alone, as an outage would (fault tests); the
+        rest keeps running. ``start_apiserver`` brings it back on the same port."""
+        state = self.load_state()
+        if state is None or "kube-apiserver" not in state.pids:
+            raise ClusterError("the control plane is not running")
+        self._terminate("kube-apiserver", state.pids["kube-apiserver"], 70.0)
+        self._procs.pop("kube-apiserver", None)
+
+    def start_apiserver(self, timeout_s: float = 120.0) -> None:
+        """Start the kube-apiserver again after ``stop_apiserver``; returns when it is ready."""
+        state = self.load_state()
+        if state is None:
+            raise ClusterError("the control plane is not running")
+        pki = pki_paths(self.workdir / "pki")
+        binary = ensure_binaries(("kube-apiserver",))["kube-apiserver"]
+        self._spawn("kube-apiserver", binary, self._apiserver_args(state.ports, pki), state)
+        self._wait(
+            "kube-apiserver",
+            lambda: self._apiserver_ok(state.server, pki, "/readyz"),
+            time.monotonic() + timeout_s,
+        )
 
     def stop(self, timeout_s: float | None = None) -> None:
         """Stop every component (reverse order), SIGTERM then SIGKILL, and reap.
