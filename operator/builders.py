@@ -14,9 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
+from .owner import (
+    ANNOTATION_PREFIX,
+    CONTAINER_NAME,
+    GPU_PRODUCT_LABEL,
+    GPU_RESOURCE,
+    REVISION_ANNOTATION,
+    Owner,
+    build_labels,
+    build_selector_labels,
+    digests_configmap_name,
+    headless_service_name,
+)
 from .spec import (
     API_VERSION,
     KIND,
@@ -28,20 +39,12 @@ from .spec import (
 
 Manifest = dict[str, Any]
 
-APP_NAME = "autoglm"
-COMPONENT = "server"
-MANAGED_BY = "autoglm-operator"
-CONTAINER_NAME = "server"
-ANNOTATION_PREFIX = "serving.autoglm.io"
 CHECKSUM_ANNOTATION = f"{ANNOTATION_PREFIX}/config-checksum"
-REVISION_ANNOTATION = f"{ANNOTATION_PREFIX}/model-version"
 RUN_AS_USER = 10001
 HF_HOME = "/var/cache/huggingface"
 MODELS_MOUNT = "/models"
 DIGESTS_MOUNT = "/etc/autoglm/digests"
 DIGESTS_FILE = "sha256.json"
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 TERMINATION_GRACE_EXTRA_SECONDS = 15
 
 # autoscaling target type -> the Pods metric name the HPA reads (docs/architecture.md)
@@ -54,39 +57,7 @@ TARGET_METRICS: dict[str, str] = {
 DCGM_GPU_UTIL_METRIC = "DCGM_FI_DEV_GPU_UTIL"
 
 
-@dataclass(frozen=True, slots=True)
-class Owner:
-    """Identity of the AutoGLMDeployment that owns the children."""
-
-    name: str
-    namespace: str
-    uid: str
-
-
-# ---- names, labels, references ---------------------------------------------
-
-
-def build_selector_labels(owner: Owner) -> dict[str, str]:
-    """The pod selector: stable for the life of the object (selectors are immutable)."""
-    return {
-        "app.kubernetes.io/component": COMPONENT,
-        "app.kubernetes.io/instance": owner.name,
-        "app.kubernetes.io/name": APP_NAME,
-    }
-
-
-def build_labels(owner: Owner) -> dict[str, str]:
-    """The ``app.kubernetes.io/*`` labels on every child."""
-    return {
-        **build_selector_labels(owner),
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        "app.kubernetes.io/part-of": APP_NAME,
-    }
-
-
-def build_selector_string(owner: Owner) -> str:
-    """The selector as a string, for ``status.selector`` (the scale subresource)."""
-    return ",".join(f"{k}={v}" for k, v in sorted(build_selector_labels(owner).items()))
+# ---- names, labels, references (names and labels live in owner.py) ---------
 
 
 def build_owner_reference(owner: Owner) -> dict[str, Any]:
@@ -112,14 +83,6 @@ def build_metadata(
     if annotations:
         meta["annotations"] = annotations
     return meta
-
-
-def headless_service_name(owner: Owner) -> str:
-    return f"{owner.name}-headless"
-
-
-def digests_configmap_name(owner: Owner) -> str:
-    return f"{owner.name}-model-digests"
 
 
 def build_scrape_annotations(spec: AutoGLMDeploymentSpec) -> dict[str, str]:
@@ -499,9 +462,10 @@ def build_children(spec: AutoGLMDeploymentSpec, owner: Owner) -> list[Manifest]:
     return [c for c in children if c is not None]
 
 
-def plan_deletions(spec: AutoGLMDeploymentSpec, owner: Owner) -> list[tuple[str, str, str]]:
-    """Optional children the spec does not ask for: (apiVersion, kind, name) to delete if present."""
-    wanted = {(c["apiVersion"], c["kind"]) for c in build_children(spec, owner)}
+def plan_deletions(children: list[Manifest], owner: Owner) -> list[tuple[str, str, str]]:
+    """Optional children that ``children`` (``build_children``'s output) leaves out:
+    (apiVersion, kind, name) to delete if present."""
+    wanted = {(c["apiVersion"], c["kind"]) for c in children}
     names = {
         "ConfigMap": digests_configmap_name(owner),
         "HorizontalPodAutoscaler": owner.name,

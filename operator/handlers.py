@@ -4,46 +4,76 @@ Run with::
 
     kopf run --all-namespaces -m autoglm_operator.handlers      # or --namespace=a --namespace=b
 
-Settings come from the environment:
-- ``AUTOGLM_OPERATOR_RESYNC_SECONDS`` (30): the timer period, so drift is
-  repaired within it; child watches usually repair it at once;
-- ``AUTOGLM_OPERATOR_METRICS_PORT`` (8080, 0 is off): Prometheus metrics;
-- ``AUTOGLM_OPERATOR_PEERING`` (``autoglm-operator``): the kopf peering
-  object used for leader election (``--standalone`` turns peering off);
-- ``AUTOGLM_OPERATOR_PRIORITY`` (start time): this instance's peering
-  priority; the highest one is the leader, the others stand by;
-- ``AUTOGLM_OPERATOR_LOG_FORMAT`` (``json``): ``json`` or ``text``.
+Settings come from ``AUTOGLM_OPERATOR_*`` environment variables, read once
+into ``settings.Settings`` (see there and README.md).
+
+What kopf watches, and why:
+- AutoGLMDeployments: every event reconciles the object (level-based; the
+  echo of our own status patch is skipped), and a timer resyncs each one;
+- the five child kinds, server pods and nodes: ``@kopf.index`` keeps them in
+  memory (``cache.ClusterView`` reads them: a reconcile sends no GET), and a
+  child or pod event reconciles its owner at once.
+There are no create/update handlers: they would make kopf write progress
+annotations on every change; the event handler covers both.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import random
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 
 from . import metrics
-from .builders import MANAGED_BY
+from .cache import (
+    CHILD_INDEXES,
+    NODE_INDEX,
+    NODES_KEY,
+    OWNER_INDEX,
+    OWNER_KIND,
+    POD_INDEX,
+    ClusterView,
+    WriteLog,
+    build_trimmed_child,
+    build_trimmed_node,
+    build_trimmed_pod,
+)
 from .k8s import FIELD_MANAGER, KubeApi, KubeError
+from .owner import INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from .reconcile import Outcome, reconcile
+from .settings import Settings
 from .spec import GROUP, KIND, PLURAL, VERSION
 from .ssa import compute_caused_by
 
-RESYNC_SECONDS = float(os.environ.get("AUTOGLM_OPERATOR_RESYNC_SECONDS", "30"))
+SETTINGS = Settings.from_environ(os.environ)
 ANNOTATION_PREFIX = "operator.autoglm.io"
-CHILD_SELECTOR = {"app.kubernetes.io/managed-by": MANAGED_BY}
+CHILD_SELECTOR = {MANAGED_BY_LABEL: MANAGED_BY}
+# (group, version, plural, kind) of every child kind
 CHILD_RESOURCES = (
-    ("apps", "v1", "deployments"),
-    ("", "v1", "services"),
-    ("", "v1", "configmaps"),
-    ("autoscaling", "v2", "horizontalpodautoscalers"),
-    ("policy", "v1", "poddisruptionbudgets"),
+    ("apps", "v1", "deployments", "Deployment"),
+    ("", "v1", "services", "Service"),
+    ("", "v1", "configmaps", "ConfigMap"),
+    ("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
+    ("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget"),
 )
+INDEX_NAMES = (OWNER_INDEX, POD_INDEX, NODE_INDEX, *CHILD_INDEXES.values())
+log = logging.getLogger(__name__)
+
+
+def compute_timestamp(moment: datetime.datetime) -> str:
+    """RFC 3339 in UTC, second precision, as conditions and events carry it (pure)."""
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read_clock() -> str:
+    return compute_timestamp(datetime.datetime.now(datetime.UTC))
 
 
 @dataclass(slots=True)
@@ -64,8 +94,19 @@ def _slot_for(namespace: str, name: str) -> _Slot:
         return _slots.setdefault((namespace, name), _Slot())
 
 
+def build_view(memo: Any, kwargs: Mapping[str, Any]) -> ClusterView:
+    """The cache view for one reconcile: kopf's indexes (handler kwargs) and our write log."""
+    return ClusterView({k: kwargs[k] for k in INDEX_NAMES if k in kwargs}, memo.writes)
+
+
 def run_reconcile(
-    api: KubeApi, namespace: str, name: str, logger: Any, *, coalesced: bool = False
+    api: KubeApi,
+    view: ClusterView,
+    namespace: str,
+    name: str,
+    logger: Any,
+    *,
+    coalesced: bool = False,
 ) -> Outcome:
     """reconcile() with metrics, one at a time per object, and errors mapped for kopf."""
     slot = _slot_for(namespace, name)
@@ -75,7 +116,7 @@ def run_reconcile(
             if coalesced:
                 with _slots_guard:
                     slot.queued = False  # events from now on need another reconcile
-            outcome = reconcile(api, namespace, name)
+            outcome = reconcile(api, view, namespace, name, read_clock())
     except KubeError as exc:
         metrics.RECONCILE_ERRORS.labels(reason="ApiError").inc()
         raise kopf.TemporaryError(
@@ -91,12 +132,16 @@ def run_reconcile(
         metrics.RECONCILE_ERRORS.labels(reason="InvalidSpec").inc()
     if outcome.applied or outcome.deleted or outcome.status_written:
         logger.info(
-            "reconciled: applied=%s deleted=%s status_written=%s ready=%s",
+            "reconciled: applied=%s deleted=%s status_written=%s ready=%s events=%s",
             outcome.applied,
             outcome.deleted,
             outcome.status_written,
             outcome.ready,
+            outcome.events,
         )
+    if outcome.api_error is not None:
+        metrics.RECONCILE_ERRORS.labels(reason="ApiError").inc()
+        raise kopf.TemporaryError(f"API request refused: {outcome.api_error}", delay=15)
     return outcome
 
 
@@ -114,12 +159,17 @@ def compute_priority(configured: str | None, started_ms: int, jitter: int) -> in
     return started_ms * 1000 + jitter
 
 
+def compute_peering_plural(clusterwide: bool) -> str:
+    return "clusterkopfpeerings" if clusterwide else "kopfpeerings"
+
+
 @kopf.on.startup()
 def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -> None:
-    if os.environ.get("AUTOGLM_OPERATOR_LOG_FORMAT", "json") == "json":
+    cfg = SETTINGS
+    if cfg.log_format == "json":
         verbose = logging.getLogger().level <= logging.DEBUG
         kopf.configure(log_format=kopf.LogFormat.JSON, verbose=verbose)
-    # Progress and the diff base go to annotations under our prefix, not status.kopf.
+    # kopf's own state (only the finalizer that its timers need) under our prefix.
     settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
         prefix=ANNOTATION_PREFIX
@@ -130,48 +180,123 @@ def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any
     # Events are posted explicitly (on condition transitions), not from log lines.
     settings.posting.loggers = False
     settings.posting.level = logging.WARNING
+    settings.execution.max_workers = cfg.workers
+    settings.watching.server_timeout = 300
+    api = KubeApi.from_environment(qps=cfg.api_qps, burst=cfg.api_burst, pool=cfg.workers * 2)
+    memo.api = api
+    memo.writes = WriteLog()
     # Leader election: instances share one peering object; the highest priority runs.
     if not settings.peering.standalone:
-        settings.peering.name = os.environ.get("AUTOGLM_OPERATOR_PEERING", "autoglm-operator")
+        settings.peering.name = cfg.peering
+        settings.peering.lifetime = cfg.peering_lifetime
         settings.peering.priority = compute_priority(
-            os.environ.get("AUTOGLM_OPERATOR_PRIORITY"),
+            str(cfg.priority) if cfg.priority is not None else None,
             started_ms=int(time.time() * 1000),
             jitter=random.randrange(1000),
         )
-        settings.peering.mandatory = True
-    settings.watching.server_timeout = 300
-    memo.api = KubeApi.from_environment()
-    port = int(os.environ.get("AUTOGLM_OPERATOR_METRICS_PORT", "8080"))
-    metrics.start_metrics_server(port)
-    logger.info("autoglm operator started (resync every %.0fs)", RESYNC_SECONDS)
+        plural = compute_peering_plural(settings.peering.clusterwide)
+        # Not mandatory: without the peering CRD, kopf runs standalone (and starts
+        # peering if the CRD appears later) instead of waiting silently forever.
+        settings.peering.mandatory = False
+        if not api.has_resource("kopf.dev/v1", plural):
+            logger.warning(
+                "the kopf peering CRD (%s.kopf.dev) is missing, so this instance runs "
+                "WITHOUT leader election: run only one, or install the CRDs "
+                "(kubectl apply --server-side -f charts/autoglm/crds/kopf-peering.yaml) "
+                "and create the %s %r; --standalone silences this warning",
+                plural,
+                "ClusterKopfPeering" if settings.peering.clusterwide else "KopfPeering",
+                cfg.peering,
+            )
+    metrics.start_metrics_server(cfg.metrics_port)
+    logger.info(
+        "autoglm operator started (resync every %.0fs, %d workers, %.0f requests/s, burst %d)",
+        cfg.resync_seconds,
+        cfg.workers,
+        cfg.api_qps,
+        cfg.api_burst,
+    )
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-def on_change(namespace: str | None, name: str, memo: Any, logger: Any, **_: Any) -> None:
-    assert namespace is not None  # the resource is namespaced
-    outcome = run_reconcile(memo.api, namespace, name, logger)
-    if outcome.invalid is not None:
-        raise kopf.PermanentError(f"{KIND} can never work as specified: {outcome.invalid}")
+# ---- the watch caches (kopf fills them before any handler runs) --------------------------
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def on_timer(namespace: str | None, name: str, memo: Any, logger: Any, **_: Any) -> None:
-    # No PermanentError here: it would stop the timer, and with it drift repair.
-    assert namespace is not None
-    run_reconcile(memo.api, namespace, name, logger)
+@kopf.index(GROUP, VERSION, PLURAL, id=OWNER_INDEX)
+async def owner_index(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
+    return {(namespace, name): dict(body)}
+
+
+async def child_index(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
+    return {(namespace, name): build_trimmed_child(body)}
+
+
+for _group, _version, _plural, _kind in CHILD_RESOURCES:
+    kopf.index(_group, _version, _plural, labels=CHILD_SELECTOR, id=CHILD_INDEXES[_kind])(
+        child_index
+    )
+
+
+@kopf.index("", "v1", "pods", labels=CHILD_SELECTOR, id=POD_INDEX)
+async def pod_index(namespace: str | None, labels: Any, body: Any, **_: Any) -> Any:
+    instance = labels.get(INSTANCE_LABEL)
+    if instance is None:
+        return None
+    return {(namespace, instance): build_trimmed_pod(body)}
+
+
+@kopf.index("", "v1", "nodes", id=NODE_INDEX)
+async def node_index(body: Any, **_: Any) -> Any:
+    return {NODES_KEY: build_trimmed_node(body)}
+
+
+# ---- the AutoGLMDeployment -------------------------------------------------------------
+
+
+def compute_own_echo(body: Mapping[str, Any]) -> bool:
+    """True for the event of our own status patch: nothing new to act on."""
+    status = body.get("status") or {}
+    generation = body.get("metadata", {}).get("generation")
+    return status.get("observedGeneration") == generation and compute_caused_by(
+        dict(body), FIELD_MANAGER
+    )
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def on_object_event(type: str, uid: str, namespace: str | None, name: str, **_: Any) -> None:
+def on_object_event(
+    type: str | None,
+    uid: str,
+    namespace: str | None,
+    name: str,
+    body: Any,
+    memo: Any,
+    logger: Any,
+    **kwargs: Any,
+) -> None:
     if type == "DELETED":
         _managed.discard(uid)
         with _slots_guard:
             _slots.pop((namespace or "", name), None)
-    else:
-        _managed.add(uid)
+        memo.writes.discard(OWNER_KIND, namespace or "", name)
+        metrics.MANAGED_OBJECTS.set(len(_managed))
+        return
+    _managed.add(uid)
     metrics.MANAGED_OBJECTS.set(len(_managed))
+    assert namespace is not None  # the resource is namespaced
+    if compute_own_echo(body):
+        return
+    try:
+        run_reconcile(memo.api, build_view(memo, kwargs), namespace, name, logger)
+    except kopf.TemporaryError as exc:
+        logger.warning("reconcile failed; the timer retries: %s", exc)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds)
+def on_timer(namespace: str | None, name: str, memo: Any, logger: Any, **kwargs: Any) -> None:
+    assert namespace is not None
+    run_reconcile(memo.api, build_view(memo, kwargs), namespace, name, logger)
+
+
+# ---- children and pods -------------------------------------------------------------------
 
 
 def _controller_owner(body: Any) -> str | None:
@@ -185,27 +310,51 @@ def _controller_owner(body: Any) -> str | None:
     return None
 
 
+def reconcile_soon(
+    memo: Any, kwargs: Mapping[str, Any], namespace: str, owner: str, logger: Any
+) -> None:
+    """Reconcile ``owner`` now, unless a reconcile of it already waits (it will see this event)."""
+    slot = _slot_for(namespace, owner)
+    with _slots_guard:
+        if slot.queued:
+            return
+        slot.queued = True
+    try:
+        run_reconcile(memo.api, build_view(memo, kwargs), namespace, owner, logger, coalesced=True)
+    except kopf.TemporaryError as exc:
+        logger.warning("reconcile after a child event failed; the timer retries: %s", exc)
+
+
 def on_child_event(
-    type: str | None, body: Any, namespace: str | None, memo: Any, logger: Any, **_: Any
+    type: str | None,
+    body: Any,
+    namespace: str | None,
+    name: str,
+    memo: Any,
+    logger: Any,
+    **kwargs: Any,
 ) -> None:
     """A child changed or went away: reconcile its owner now rather than at the next tick."""
     owner = _controller_owner(body)
     if owner is None or namespace is None:
         return
-    if type != "DELETED" and compute_caused_by(body, FIELD_MANAGER):
+    if type == "DELETED":
+        memo.writes.discard(str(body.get("kind", "")), namespace, name)
+    elif compute_caused_by(body, FIELD_MANAGER):
         return  # the echo of our own apply: nothing new to see
-    slot = _slot_for(namespace, owner)
-    with _slots_guard:
-        if slot.queued:
-            return  # a reconcile is already waiting; it reads the state after this event
-        slot.queued = True
-    try:
-        run_reconcile(memo.api, namespace, owner, logger, coalesced=True)
-    except kopf.TemporaryError as exc:
-        logger.warning("reconcile after a child event failed; the timer retries: %s", exc)
+    reconcile_soon(memo, kwargs, namespace, owner, logger)
 
 
-for _group, _version, _plural in CHILD_RESOURCES:
+for _group, _version, _plural, _kind in CHILD_RESOURCES:
     kopf.on.event(_group, _version, _plural, labels=CHILD_SELECTOR, id=f"child-{_plural}")(
         on_child_event
     )
+
+
+@kopf.on.event("", "v1", "pods", labels=CHILD_SELECTOR)
+def on_pod_event(namespace: str | None, labels: Any, memo: Any, logger: Any, **kwargs: Any) -> None:
+    """A server pod changed (started, became ready, crashed, went away): its owner's status may too."""
+    owner = labels.get(INSTANCE_LABEL)
+    if owner is None or namespace is None:
+        return
+    reconcile_soon(memo, kwargs, namespace, owner, logger)

@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -71,8 +72,10 @@ class KubeError(Exception):
         return self.status in (400, 422)
 
     @property
-    def transient(self) -> bool:
-        return not self.invalid
+    def refused(self) -> bool:
+        """The API server answered and refused for a reason other than the object
+        (RBAC, a conflict, a namespace going away): worth reporting in status."""
+        return 400 <= self.status < 500 and self.status not in (400, 408, 422, 429)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,37 @@ class ApplyResult:
     kind: str
     name: str
     applied: bool  # False: the live object already matched
+    body: dict[str, Any] | None = None  # the object after the apply, as the API server returned it
+    conflict: str | None = None  # another field manager held fields we set (its message)
+
+
+class RateLimiter:
+    """A token bucket shared by every request of the process (kopf itself has none).
+
+    ``qps`` tokens a second, at most ``burst`` saved up; ``qps`` <= 0 turns it off.
+    ``acquire`` blocks the calling worker thread until a token is free.
+    """
+
+    def __init__(self, qps: float, burst: int) -> None:
+        self.qps = qps
+        self.burst = max(1, burst)
+        self._tokens = float(self.burst)
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Take one token; returns the seconds waited."""
+        if self.qps <= 0:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.qps)
+            self._stamp = now
+            self._tokens -= 1.0
+            wait = -self._tokens / self.qps if self._tokens < 0 else 0.0
+        if wait > 0:
+            time.sleep(wait)  # a worker thread, never kopf's event loop
+        return wait
 
 
 def build_path(
@@ -105,22 +139,34 @@ def build_path(
 class KubeApi:
     """A small synchronous client over ``kubernetes.client.ApiClient``."""
 
-    def __init__(self, api_client: Any, field_manager: str = FIELD_MANAGER) -> None:
+    def __init__(
+        self,
+        api_client: Any,
+        field_manager: str = FIELD_MANAGER,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self._client = api_client
         self.field_manager = field_manager
+        self.limiter = limiter or RateLimiter(0, 1)
         self.writes: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
 
     @classmethod
-    def from_environment(cls) -> KubeApi:
-        """In-cluster config when running in a pod, else $KUBECONFIG / ~/.kube/config."""
+    def from_environment(cls, qps: float = 0, burst: int = 1, pool: int = 16) -> KubeApi:
+        """In-cluster config when running in a pod, else $KUBECONFIG / ~/.kube/config.
+
+        ``qps``/``burst``: the client-side rate limit; ``pool``: HTTP connections
+        kept open (one per worker thread that may send at once).
+        """
         import kubernetes
 
         try:
             kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
-        return cls(kubernetes.client.ApiClient())
+        config = kubernetes.client.Configuration.get_default_copy()
+        config.connection_pool_maxsize = pool
+        return cls(kubernetes.client.ApiClient(config), limiter=RateLimiter(qps, burst))
 
     @property
     def write_count(self) -> int:
@@ -139,6 +185,7 @@ class KubeApi:
         body: Any = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
+        self.limiter.acquire()
         if method in WRITE_VERBS:
             with self._lock:
                 self.writes[(method, kind)] += 1
@@ -192,6 +239,16 @@ class KubeApi:
         )
         return list(data.get("items") or [])
 
+    def has_resource(self, group_version: str, plural: str) -> bool:
+        """Whether the API server serves ``plural`` in ``group_version`` (discovery)."""
+        try:
+            data = self._request("GET", f"/apis/{group_version}", kind="APIResourceList")
+        except KubeError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(r.get("name") == plural for r in data.get("resources") or [])
+
     def list_nodes(self) -> list[dict[str, Any]] | None:
         """Every node, or None when the operator may not list them."""
         try:
@@ -236,34 +293,48 @@ class KubeApi:
             if exc.status != 409:
                 raise
 
-    def ensure_applied(self, manifest: dict[str, Any]) -> ApplyResult:
-        """Apply ``manifest`` unless the live object already has exactly our fields."""
+    def ensure_applied(self, manifest: dict[str, Any], live: dict[str, Any] | None) -> ApplyResult:
+        """Apply ``manifest`` unless ``live`` (the cached object) already has exactly our fields.
+
+        An existing object is applied without force first: a 409 means another
+        field manager changed fields we set (a hand edit, or a controller
+        fighting us). That is reported in ``conflict`` (the API server's
+        message names the manager and the fields) and the apply is forced.
+        """
         meta = manifest["metadata"]
-        live = self.get(
-            manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"]
-        )
+        kind, name = manifest["kind"], meta["name"]
         if not compute_needs_apply(manifest, live, self.field_manager):
-            return ApplyResult(manifest["kind"], meta["name"], applied=False)
+            return ApplyResult(kind, name, applied=False)
         handover = compute_handover(manifest, live, self.field_manager)
         if handover is not None:
             self.hand_over(handover)
-        self.apply(manifest)
-        return ApplyResult(manifest["kind"], meta["name"], applied=True)
+        conflict = None
+        if live is None:
+            body = self.apply(manifest)
+        else:
+            try:
+                body = self.apply(manifest, force=False)
+            except KubeError as exc:
+                if exc.status != 409:
+                    raise
+                conflict = exc.message
+                body = self.apply(manifest)
+        return ApplyResult(kind, name, applied=True, body=body, conflict=conflict)
 
     def delete_owned(
-        self, api_version: str, kind: str, namespace: str, name: str, owner_uid: str
+        self, api_version: str, kind: str, live: dict[str, Any] | None, owner_uid: str
     ) -> bool:
-        """Delete a child if it exists and ``owner_uid`` owns it. True when a delete was sent."""
-        live = self.get(api_version, kind, namespace, name)
+        """Delete ``live`` (the cached child) if ``owner_uid`` owns it. True when a delete was sent."""
         if live is None:
             return False
-        owners = live.get("metadata", {}).get("ownerReferences") or []
+        meta = live.get("metadata", {})
+        owners = meta.get("ownerReferences") or []
         if not any(o.get("uid") == owner_uid for o in owners):
             return False
         try:
             self._request(
                 "DELETE",
-                build_path(api_version, kind, namespace, name),
+                build_path(api_version, kind, meta.get("namespace"), meta["name"]),
                 kind=kind,
                 body={
                     "kind": "DeleteOptions",
@@ -278,12 +349,13 @@ class KubeApi:
 
     def patch_status(
         self, api_version: str, kind: str, namespace: str, name: str, patch: dict[str, Any]
-    ) -> None:
-        """JSON merge patch of the status subresource."""
-        self._request(
+    ) -> dict[str, Any]:
+        """JSON merge patch of the status subresource, under our field manager; the object after it."""
+        return self._request(
             "PATCH",
             build_path(api_version, kind, namespace, name, "status"),
             kind=kind,
+            query={"fieldManager": self.field_manager},
             body={"status": patch},
             content_type="application/merge-patch+json",
         )

@@ -1,22 +1,24 @@
 """One reconcile of one AutoGLMDeployment: the thin I/O shell around the pure core.
 
-    read the object --parse--> spec --build--> children --ensure--> applied
-    read children, pods, nodes --compute--> status --patch if changed--> status
+    the object (cache) --parse--> spec --build, once--> children --ensure--> applied
+    children, pods, nodes (cache) --compute--> status --patch if changed--> status
 
-Every kopf handler (create, update, resume, timer, child events) ends up here.
-A reconcile that finds nothing to change sends no write request.
+Every kopf handler (object and child events, the resync timer) ends up here.
+Reads come from kopf's watch caches (``cache.ClusterView``), never from the API
+server; a reconcile that finds nothing to change sends no request at all.
 """
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
-from .builders import Owner, build_children, build_selector_string, plan_deletions
+from .builders import Manifest, build_children, plan_deletions
+from .cache import OWNER_KIND, ClusterView, build_trimmed_child
 from .k8s import KubeApi, KubeError
+from .owner import Owner
 from .spec import API_VERSION, KIND, AutoGLMDeploymentSpec, check_name, parse_spec
 from .status import (
     Observed,
@@ -26,6 +28,8 @@ from .status import (
     compute_status,
     compute_status_changed,
 )
+
+REASON_CONFLICT = "FieldManagerConflict"
 
 
 @dataclass(slots=True)
@@ -39,10 +43,7 @@ class Outcome:
     status_written: bool = False
     events: list[str] = field(default_factory=list)
     ready: str | None = None  # Ready condition: "True"/"False"
-
-
-def compute_now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    api_error: KubeError | None = None  # a refused request: retry later
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -67,69 +68,105 @@ def parse_object(body: dict[str, Any]) -> tuple[AutoGLMDeploymentSpec | None, st
 
 
 def ensure_children(
-    api: KubeApi, spec: AutoGLMDeploymentSpec, owner: Owner, outcome: Outcome
-) -> str | None:
-    """Apply what differs and delete what is no longer wanted; the API's verdict if it rejects a child."""
-    for manifest in build_children(spec, owner):
+    api: KubeApi,
+    view: ClusterView,
+    children: list[Manifest],
+    owner: Owner,
+    outcome: Outcome,
+) -> tuple[str | None, list[str]]:
+    """Apply what differs and delete what is no longer wanted.
+
+    Returns the API server's verdict if it rejects a child (the spec can never
+    work), and the conflicts with other field managers that the applies overrode.
+    """
+    conflicts: list[str] = []
+    for manifest in children:
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
         try:
-            result = api.ensure_applied(manifest)
+            result = api.ensure_applied(manifest, view.child(kind, owner.namespace, name))
         except KubeError as exc:
             if exc.invalid:
-                return f"the API server rejected {manifest['kind']} {manifest['metadata']['name']}: {exc.message}"
+                return f"the API server rejected {kind} {name}: {exc.message}", conflicts
             raise
         if result.applied:
-            outcome.applied.append(f"{result.kind}/{result.name}")
-    for api_version, kind, name in plan_deletions(spec, owner):
-        if api.delete_owned(api_version, kind, owner.namespace, name, owner.uid):
+            outcome.applied.append(f"{kind}/{name}")
+            if result.body is not None:
+                view.writes.record(kind, owner.namespace, name, build_trimmed_child(result.body))
+        if result.conflict is not None:
+            conflicts.append(f"{kind} {name}: {result.conflict}")
+    for api_version, kind, name in plan_deletions(children, owner):
+        live = view.child(kind, owner.namespace, name)
+        if api.delete_owned(api_version, kind, live, owner.uid):
+            assert live is not None
+            view.writes.record_deleted(kind, owner.namespace, name, live)
             outcome.deleted.append(f"{kind}/{name}")
-    return None
+    return None, conflicts
 
 
-def reconcile(api: KubeApi, namespace: str, name: str, *, now: str | None = None) -> Outcome:
-    """Bring one AutoGLMDeployment's children and status in line with its spec."""
-    body = api.get(API_VERSION, KIND, namespace, name)
+def describe_api_error(exc: KubeError) -> str:
+    return f"the API server refused a request ({exc.status} {exc.reason}): {exc.message}"[:1024]
+
+
+def reconcile(api: KubeApi, view: ClusterView, namespace: str, name: str, now: str) -> Outcome:
+    """Bring one AutoGLMDeployment's children and status in line with its spec.
+
+    ``now`` (RFC 3339, UTC) stamps condition transitions and events.
+    """
+    body = view.owner(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return Outcome(found=False)  # gone or going: garbage collection handles the children
     meta = body["metadata"]
     owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
     outcome = Outcome()
     spec, invalid = parse_object(body)
+    conflicts: list[str] = []
+    api_error: str | None = None
     if spec is not None:
-        invalid = ensure_children(api, spec, owner, outcome)
+        children = build_children(spec, owner)
+        try:
+            invalid, conflicts = ensure_children(api, view, children, owner, outcome)
+        except KubeError as exc:
+            if not exc.refused:
+                raise  # no answer, overloaded or unavailable: nothing to write now; retried
+            api_error, outcome.api_error = describe_api_error(exc), exc
     observed = Observed(
         generation=int(meta.get("generation", 1)),
         previous=dict(body.get("status") or {}),
         invalid=invalid,
     )
     if invalid is None and spec is not None:
-        deployment = api.get("apps/v1", "Deployment", owner.namespace, owner.name)
+        deployment = view.child("Deployment", owner.namespace, owner.name)
         complete = compute_rollout_complete(deployment)
-        # Pods and nodes only matter for telling why a rollout is stuck.
+        # Pods and nodes only matter for telling why a rollout is not complete.
         observed = Observed(
             generation=observed.generation,
             previous=observed.previous,
             deployment=deployment,
-            pods=[]
-            if complete
-            else api.list_objects("v1", "Pod", owner.namespace, build_selector_string(owner)),
-            nodes=None if complete else api.list_nodes(),
+            pods=[] if complete else view.pods(owner.namespace, owner.name),
+            nodes=None if complete else view.nodes(),
+            api_error=api_error,
         )
     outcome.invalid = invalid
-    stamp = now or compute_now()
-    status = compute_status(spec if invalid is None else None, owner, observed, stamp)
+    status = compute_status(spec if invalid is None else None, owner, observed, now)
     for cond in status["conditions"]:
         if cond["type"] == "Ready":
             outcome.ready = cond["status"]
+    for conflict in conflicts:
+        message = f"{conflict} (our fields were applied again)"
+        api.create_event(body, "Warning", REASON_CONFLICT, message, now)
+        outcome.events.append(REASON_CONFLICT)
     if compute_status_changed(observed.previous, status):
-        api.patch_status(
+        after = api.patch_status(
             API_VERSION,
             KIND,
             owner.namespace,
             owner.name,
             compute_merge_patch(observed.previous, status),
         )
+        if after:
+            view.writes.record(OWNER_KIND, owner.namespace, owner.name, after)
         outcome.status_written = True
         for event in compute_events(observed.previous, status):
-            api.create_event(body, event.type, event.reason, event.message, stamp)
+            api.create_event(body, event.type, event.reason, event.message, now)
             outcome.events.append(event.reason)
     return outcome

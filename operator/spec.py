@@ -83,6 +83,10 @@ class ModelSpec(_Model):
             )
         if self.hf_cache_claim is not None and not s.startswith("hf://"):
             raise ValueError("model.hfCacheClaim is only valid with an hf:// model.source")
+        for key in self.sha256 or {}:
+            problem = check_digest_key(key)
+            if problem is not None:
+                raise ValueError(problem)
         return self
 
 
@@ -281,6 +285,20 @@ def compute_model_version(model: ModelSpec) -> str:
 def parse_spec(raw: Any) -> AutoGLMDeploymentSpec:
     """Validate a ``spec`` mapping; raises pydantic.ValidationError."""
     return AutoGLMDeploymentSpec.model_validate(raw)
+
+
+MAX_DIGEST_KEY_LENGTH = 512
+
+
+def check_digest_key(key: str) -> str | None:
+    """Why a ``model.sha256`` key is not a file path inside the model, or None (the CRD's CEL rule)."""
+    if not key or len(key) > MAX_DIGEST_KEY_LENGTH or key.startswith("/") or ".." in key.split("/"):
+        return (
+            f"model.sha256 key {key!r} must be a file path relative to the model directory: "
+            f"non-empty, at most {MAX_DIGEST_KEY_LENGTH} characters, not starting with '/', "
+            "with no '..' component"
+        )
+    return None
 
 
 def check_name(name: str) -> str | None:

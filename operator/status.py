@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .builders import (
+from .owner import (
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
     REVISION_ANNOTATION,
@@ -26,14 +26,31 @@ from .spec import AutoGLMDeploymentSpec
 REASON_READY = "ReplicasReady"
 REASON_COMPLETE = "RolloutComplete"
 REASON_IN_PROGRESS = "RolloutInProgress"
+REASON_SCALING = "Scaling"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_UNSCHEDULABLE = "Unschedulable"
 REASON_DEADLINE = "ProgressDeadlineExceeded"
+REASON_UNAVAILABLE = "ReplicasUnavailable"
+REASON_API_ERROR = "ApiError"
 REASON_SCALED_TO_ZERO = "ScaledToZero"
 REASON_AS_EXPECTED = "AsExpected"
+REASON_RECOVERED = "Recovered"
 
 CONDITION_TYPES = ("Ready", "Progressing", "Degraded")
-PROBLEM_REASONS = frozenset({REASON_INVALID_SPEC, REASON_UNSCHEDULABLE, REASON_DEADLINE})
+# A container stuck in one of these waiting states will not get better by itself.
+FAILED_WAITING_REASONS = frozenset(
+    {
+        "CrashLoopBackOff",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "ErrImageNeverPull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    }
+)
+TERMINATION_MESSAGE_LIMIT = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +63,7 @@ class Observed:
     pods: list[dict[str, Any]] = field(default_factory=list)
     nodes: list[dict[str, Any]] | None = None  # None: not readable
     invalid: str | None = None  # why the spec can never work, if it can't
+    api_error: str | None = None  # a request the API server refused (not the spec's fault)
 
 
 ConditionValue = tuple[Literal["True", "False", "Unknown"], str, str]  # (status, reason, message)
@@ -58,6 +76,14 @@ class Verdict:
     ready: ConditionValue
     progressing: ConditionValue
     degraded: ConditionValue
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Why the model is not served as asked: a Degraded reason and message."""
+
+    reason: str
+    message: str
 
 
 # ---- scheduling ------------------------------------------------------------------
@@ -115,39 +141,168 @@ def compute_unschedulable_message(pods: list[dict[str, Any]]) -> str | None:
     return None
 
 
+# ---- pods ------------------------------------------------------------------------
+
+
+def compute_pod_problem(pods: list[dict[str, Any]]) -> Problem | None:
+    """The first pod whose container cannot run, named with the cause from the pod's state.
+
+    A container waiting in ``CrashLoopBackOff`` (or an image or config error),
+    or terminated with a non-zero exit, or a Failed pod. The message names the
+    pod, the container, the restart count and the last termination (reason,
+    exit code, and the container's termination message).
+    """
+    for pod in sorted(pods, key=lambda p: p.get("metadata", {}).get("name", "")):
+        meta, st = pod.get("metadata", {}), pod.get("status", {})
+        if meta.get("deletionTimestamp"):
+            continue
+        name = meta.get("name", "?")
+        statuses = list(st.get("initContainerStatuses") or []) + list(
+            st.get("containerStatuses") or []
+        )
+        for cs in statuses:
+            if cs.get("ready"):
+                continue
+            state = cs.get("state") or {}
+            waiting, terminated = state.get("waiting") or {}, state.get("terminated") or {}
+            if waiting.get("reason") in FAILED_WAITING_REASONS:
+                reason = str(waiting["reason"])
+                detail = str(waiting.get("message") or "")
+            elif terminated and int(terminated.get("exitCode", 0)) != 0:
+                reason = str(terminated.get("reason") or "Error")
+                detail = ""
+            else:
+                continue
+            parts = [f"pod {name}: container {cs.get('name', '?')}: {reason}"]
+            if detail:
+                parts.append(detail)
+            parts.append(f"{int(cs.get('restartCount', 0))} restarts")
+            last = terminated or (cs.get("lastState") or {}).get("terminated") or {}
+            if last:
+                text = str(last.get("message") or "").strip()[-TERMINATION_MESSAGE_LIMIT:]
+                parts.append(
+                    f"last exit {last.get('exitCode', '?')} ({last.get('reason', 'Error')})"
+                    + (f": {text}" if text else "")
+                )
+            return Problem(reason, "; ".join(parts))
+        if st.get("phase") == "Failed":
+            reason = str(st.get("reason") or "PodFailed")
+            return Problem(reason, f"pod {name} failed: {st.get('message') or reason}")
+    return None
+
+
 # ---- the verdict -------------------------------------------------------------------
 
 
-def _deployment_numbers(dep: dict[str, Any]) -> tuple[int, int, int, int, bool, bool]:
-    """(desired, replicas, updated, ready, observed_current, deadline_exceeded)."""
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """The Deployment's numbers, as the verdict reads them."""
+
+    desired: int  # spec.replicas (ours, or the HPA's)
+    replicas: int  # pods of any revision that are not terminating
+    updated: int  # pods of the current template
+    ready: int
+    observed: bool  # the Deployment controller has seen the current template
+    deadline: bool  # ProgressDeadlineExceeded
+
+    @property
+    def rolled_out(self) -> bool:
+        """Every pod runs the current template (ready or not) and none of the old ones are left."""
+        return self.observed and self.updated >= self.desired and self.replicas <= self.desired
+
+    @property
+    def complete(self) -> bool:
+        return self.rolled_out and self.ready >= self.desired
+
+
+def compute_rollout(dep: dict[str, Any]) -> Rollout:
     spec, st, meta = dep.get("spec", {}), dep.get("status", {}), dep.get("metadata", {})
-    desired = int(spec.get("replicas", 1))
-    observed = int(st.get("observedGeneration", 0)) >= int(meta.get("generation", 1))
-    deadline = any(
-        c.get("type") == "Progressing"
-        and c.get("status") == "False"
-        and c.get("reason") == REASON_DEADLINE
-        for c in st.get("conditions") or []
-    )
-    return (
-        desired,
-        int(st.get("replicas", 0)),
-        int(st.get("updatedReplicas", 0)),
-        int(st.get("readyReplicas", 0)),
-        observed,
-        deadline,
+    return Rollout(
+        desired=int(spec.get("replicas", 1)),
+        replicas=int(st.get("replicas", 0)),
+        updated=int(st.get("updatedReplicas", 0)),
+        ready=int(st.get("readyReplicas", 0)),
+        observed=int(st.get("observedGeneration", 0)) >= int(meta.get("generation", 1)),
+        deadline=any(
+            c.get("type") == "Progressing"
+            and c.get("status") == "False"
+            and c.get("reason") == REASON_DEADLINE
+            for c in st.get("conditions") or []
+        ),
     )
 
 
 def compute_rollout_complete(dep: dict[str, Any] | None) -> bool:
-    if dep is None:
-        return False
-    desired, replicas, updated, ready, observed, _ = _deployment_numbers(dep)
-    return observed and updated == desired and replicas == desired and ready >= desired
+    return dep is not None and compute_rollout(dep).complete
+
+
+def compute_required_replicas(spec: AutoGLMDeploymentSpec) -> int:
+    """The fewest ready replicas that serve the spec as asked (autoscaling: its minimum)."""
+    return spec.autoscaling.min_replicas if spec.autoscaling is not None else spec.replicas
+
+
+def compute_settled(previous: dict[str, Any], generation: int) -> bool:
+    """Whether this generation's rollout finished once before (the previous status says so).
+
+    Replicas missing after that were lost (a pod or node went away, a
+    container crashed), not yet to come: that is Degraded, not Progressing.
+    """
+    prog = _condition(previous, "Progressing")
+    return (
+        prog is not None
+        and prog.get("status") == "False"
+        and prog.get("observedGeneration") == generation
+        and prog.get("reason") not in (REASON_INVALID_SPEC, REASON_DEADLINE)
+    )
+
+
+def compute_problem(
+    spec: AutoGLMDeploymentSpec, observed: Observed, rollout: Rollout, settled: bool
+) -> Problem | None:
+    """Why the model is not served as asked, most specific cause first; None when all is well."""
+    if observed.api_error is not None:
+        return Problem(REASON_API_ERROR, observed.api_error)
+    if rollout.complete:
+        return None
+    pod = compute_pod_problem(observed.pods)
+    if pod is not None:
+        return pod
+    capacity = compute_capacity_problem(spec, observed.nodes) or compute_unschedulable_message(
+        observed.pods
+    )
+    if capacity is not None:
+        return Problem(
+            REASON_UNSCHEDULABLE, f"{capacity} ({rollout.ready}/{rollout.desired} ready)"
+        )
+    if rollout.deadline:
+        return Problem(
+            REASON_DEADLINE,
+            f"the rollout made no progress within its deadline ({rollout.updated}/"
+            f"{rollout.desired} updated, {rollout.ready} ready)",
+        )
+    degraded = _condition(observed.previous, "Degraded")
+    was_degraded = (
+        degraded is not None
+        and degraded.get("status") == "True"
+        and degraded.get("reason") != REASON_API_ERROR
+    )
+    before = int(observed.previous.get("readyReplicas", 0))
+    if (
+        settled
+        and rollout.rolled_out
+        and rollout.ready < rollout.desired
+        and (rollout.ready < before or was_degraded)
+    ):
+        return Problem(
+            REASON_UNAVAILABLE,
+            f"{rollout.ready}/{rollout.desired} replicas ready: a replica that was ready is gone "
+            "or not ready (its pod or node was lost) and its replacement is not ready yet",
+        )
+    return None
 
 
 def compute_verdict(spec: AutoGLMDeploymentSpec | None, observed: Observed) -> Verdict:
-    """Ready, Progressing and Degraded from the observed state."""
+    """Ready, Progressing and Degraded from the observed state (the table in README.md)."""
     if observed.invalid is not None or spec is None:
         msg = observed.invalid or "the spec is invalid"
         return Verdict(
@@ -155,43 +310,53 @@ def compute_verdict(spec: AutoGLMDeploymentSpec | None, observed: Observed) -> V
             ("False", REASON_INVALID_SPEC, msg),
             ("True", REASON_INVALID_SPEC, msg),
         )
+    ok: ConditionValue = ("False", REASON_AS_EXPECTED, "all is as expected")
     dep = observed.deployment
     if dep is None:
         msg = "the Deployment does not exist yet"
+        degraded = ok
+        if observed.api_error is not None:
+            degraded = ("True", REASON_API_ERROR, observed.api_error)
         return Verdict(
-            ("False", REASON_IN_PROGRESS, msg),
-            ("True", REASON_IN_PROGRESS, msg),
-            ("False", REASON_AS_EXPECTED, msg),
+            ("False", REASON_IN_PROGRESS, msg), ("True", REASON_IN_PROGRESS, msg), degraded
         )
-    desired, _replicas, updated, ready, _obs, deadline = _deployment_numbers(dep)
-    ok: ConditionValue = ("False", REASON_AS_EXPECTED, "all is as expected")
-    if compute_rollout_complete(dep):
-        if desired == 0:
-            msg = "scaled to zero replicas: nothing serves the model"
+    r = compute_rollout(dep)
+    settled = compute_settled(observed.previous, observed.generation)
+    problem = compute_problem(spec, observed, r, settled)
+    degraded = ("True", problem.reason, problem.message) if problem is not None else ok
+    if r.complete:
+        if r.desired == 0:
+            msg = "scaled to zero replicas as the spec asks: nothing serves the model"
             return Verdict(
-                ("False", REASON_SCALED_TO_ZERO, msg), ("False", REASON_COMPLETE, msg), ok
+                ("False", REASON_SCALED_TO_ZERO, msg), ("False", REASON_COMPLETE, msg), degraded
             )
-        msg = f"{ready}/{desired} replicas ready"
-        return Verdict(("True", REASON_READY, msg), ("False", REASON_COMPLETE, msg), ok)
-    problem = compute_capacity_problem(spec, observed.nodes) or compute_unschedulable_message(
-        observed.pods
-    )
-    if problem is not None:
-        msg = f"{problem} ({ready}/{desired} replicas ready)"
-        return Verdict(
-            ("False", REASON_UNSCHEDULABLE, msg),
-            ("True", REASON_IN_PROGRESS, msg),
-            ("True", REASON_UNSCHEDULABLE, msg),
+        msg = f"{r.ready}/{r.desired} replicas ready"
+        return Verdict(("True", REASON_READY, msg), ("False", REASON_COMPLETE, msg), degraded)
+    numbers = f"{r.updated}/{r.desired} replicas updated, {r.ready}/{r.desired} ready"
+    # Progressing: a rollout of this generation is under way, or replicas are being added.
+    progressing: ConditionValue
+    if problem is not None and problem.reason == REASON_DEADLINE:
+        progressing = ("False", REASON_DEADLINE, problem.message)
+    elif not settled or not r.rolled_out:
+        progressing = ("True", REASON_IN_PROGRESS, f"rolling out: {numbers}")
+    elif problem is not None:
+        progressing = ("False", problem.reason, problem.message)
+    else:
+        progressing = ("True", REASON_SCALING, f"scaling to {r.desired}: {numbers}")
+    # Ready: this generation serves with at least the replicas the spec requires.
+    required = compute_required_replicas(spec)
+    ready: ConditionValue
+    if settled and r.rolled_out and 0 < required <= r.ready:
+        ready = (
+            "True",
+            REASON_READY,
+            f"{r.ready}/{r.desired} replicas ready ({required} required)",
         )
-    if deadline:
-        msg = f"the rollout made no progress within its deadline ({updated}/{desired} updated, {ready} ready)"
-        return Verdict(
-            ("False", REASON_DEADLINE, msg),
-            ("False", REASON_DEADLINE, msg),
-            ("True", REASON_DEADLINE, msg),
-        )
-    msg = f"rolling out: {updated}/{desired} replicas updated, {ready}/{desired} ready"
-    return Verdict(("False", REASON_IN_PROGRESS, msg), ("True", REASON_IN_PROGRESS, msg), ok)
+    elif problem is not None:
+        ready = ("False", problem.reason, problem.message)
+    else:
+        ready = ("False", REASON_IN_PROGRESS, f"rolling out: {numbers}")
+    return Verdict(ready, progressing, degraded)
 
 
 # ---- the status ------------------------------------------------------------------------
@@ -256,7 +421,7 @@ def compute_status(
         "selector": build_selector_string(owner),
     }
     revision = prev.get("modelRevision")
-    if dep is not None and compute_rollout_complete(dep):
+    if dep is not None and compute_rollout(dep).complete:
         annotations = (
             dep.get("spec", {}).get("template", {}).get("metadata", {}).get("annotations", {})
         )
@@ -312,19 +477,39 @@ class EventSpec:
 
 
 def compute_events(previous: dict[str, Any], new: dict[str, Any]) -> list[EventSpec]:
-    """Events for transitions of the Ready condition (nothing when it holds)."""
-    old = _condition(previous, "Ready")
-    cur = _condition(new, "Ready")
-    if cur is None:
-        return []
-    key = (cur.get("status"), cur.get("reason"))
-    if old is not None and (old.get("status"), old.get("reason")) == key:
-        return []
-    if cur.get("reason") in PROBLEM_REASONS:
-        return [EventSpec("Warning", str(cur["reason"]), str(cur.get("message", "")))]
-    if cur.get("status") == "True":
-        return [EventSpec("Normal", str(cur["reason"]), str(cur.get("message", "")))]
-    return []
+    """Events for condition transitions (nothing while they hold).
+
+    - Degraded turns True, or its reason changes: a Warning with that reason;
+    - Degraded turns False again: a Normal ``Recovered``;
+    - otherwise Ready turns True: a Normal ``ReplicasReady``; Ready turns
+      ``ScaledToZero``: a Normal ``ScaledToZero``.
+    """
+    events: list[EventSpec] = []
+    old_deg, cur_deg = _condition(previous, "Degraded"), _condition(new, "Degraded")
+    old_ready, cur_ready = _condition(previous, "Ready"), _condition(new, "Ready")
+    was = old_deg is not None and old_deg.get("status") == "True"
+    if cur_deg is not None and cur_deg.get("status") == "True":
+        if not was or old_deg is None or old_deg.get("reason") != cur_deg.get("reason"):
+            events.append(
+                EventSpec("Warning", str(cur_deg["reason"]), str(cur_deg.get("message", "")))
+            )
+        return events
+    if was and old_deg is not None:
+        now = str((cur_ready or {}).get("message", ""))
+        events.append(
+            EventSpec("Normal", REASON_RECOVERED, f"recovered from {old_deg.get('reason')}: {now}")
+        )
+        return events
+    if cur_ready is None:
+        return events
+    old_key = (old_ready or {}).get("status"), (old_ready or {}).get("reason")
+    if (cur_ready.get("status"), cur_ready.get("reason")) == old_key:
+        return events
+    if cur_ready.get("status") == "True" and old_key[0] != "True":
+        events.append(EventSpec("Normal", REASON_READY, str(cur_ready.get("message", ""))))
+    elif cur_ready.get("reason") == REASON_SCALED_TO_ZERO:
+        events.append(EventSpec("Normal", REASON_SCALED_TO_ZERO, str(cur_ready.get("message", ""))))
+    return events
 
 
 def _condition(status: dict[str, Any], ctype: str) -> dict[str, Any] | None:

@@ -28,6 +28,9 @@ class OperatorProcess:
     log_path: Path
     metrics_port: int
     resync_seconds: float
+    kubeconfig: Path | None = None
+    scope: list[str] | None = None
+    env: dict[str, str] | None = None
 
     def metrics(self) -> dict[str, float]:
         """Every sample as 'name{labels}' -> value."""
@@ -60,6 +63,14 @@ class OperatorProcess:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def restart(self) -> None:
+        """Start it again as it was started (same scope, log file and settings), in place."""
+        assert self.kubeconfig is not None and self.scope is not None
+        fresh = start_operator(
+            self.kubeconfig, self.log_path, self.scope, self.resync_seconds, **(self.env or {})
+        )
+        self.proc, self.metrics_port = fresh.proc, fresh.metrics_port
 
     def stop(self) -> None:
         """SIGTERM (kopf leaves its peering object on the way out), then SIGKILL."""
@@ -102,7 +113,7 @@ def start_operator(
             env=full_env,
             cwd=log_path.parent,  # not the checkout: its operator/ would shadow the stdlib
         )
-    op = OperatorProcess(proc, log_path, port, resync_seconds)
+    op = OperatorProcess(proc, log_path, port, resync_seconds, kubeconfig, scope, dict(env))
 
     def metrics_up() -> bool:
         if not op.alive():

@@ -9,6 +9,8 @@ blur it.
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +71,55 @@ def test_newest_instance_leads_and_the_other_takes_over(
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_standby_takes_over_from_a_killed_leader_within_the_peering_lifetime(
+    cluster: Any, crd: Any, kube: Kube, tmp_path: Path
+) -> None:
+    """SIGKILL: the leader cannot leave the peering object; the standby waits out its lifetime."""
+    cluster.kubectl("apply", "--server-side", "-f", str(PEERING_CRDS))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/kopfpeerings.kopf.dev"
+    )
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}}
+    assert kube.run("apply", "-f", "-", input=json.dumps(peering)).returncode == 0
+    lifetime = 10
+    env = {"AUTOGLM_OPERATOR_PEERING_LIFETIME": str(lifetime)}
+    scope = [f"--namespace={kube.namespace}"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    standby = start_operator(cluster.kubeconfig, tmp_path / "a" / "op.log", scope, 3.0, **env)
+    leader: OperatorProcess | None = None
+    try:
+        leader = start_operator(cluster.kubeconfig, tmp_path / "b" / "op.log", scope, 3.0, **env)
+        wait_for(
+            lambda: "Pausing operations in favour of" in standby.log_path.read_text(),
+            timeout=60,
+            message=lambda: f"the standby to pause; its log:\n{standby.log_tail()}",
+        )
+        assert kube.apply(agd("led", {"model": {"source": "/opt/models/tiny"}})).returncode == 0
+        wait_for(lambda: leader.reconciles() >= 2, timeout=60, message="the leader to act")
+        assert standby.reconciles() == 0, "a standby instance reconciled"
+        leader.proc.send_signal(signal.SIGKILL)
+        leader.proc.wait(timeout=10)
+        killed = time.monotonic()
+        wait_for(
+            lambda: "Resuming operations after the pause" in standby.log_path.read_text(),
+            timeout=lifetime + 60,
+            message=lambda: f"the standby to resume; its log:\n{standby.log_tail()}",
+        )
+        takeover = time.monotonic() - killed
+        print(
+            f"\nFIGURE takeover after SIGKILL of the leader: {takeover:.1f}s (lifetime {lifetime}s)"
+        )
+        before = standby.reconciles()
+        kube.run("patch", "agd", "led", "--type=merge", "-p", json.dumps({"spec": {"replicas": 2}}))
+        wait_for(
+            lambda: standby.reconciles() > before,
+            timeout=30,
+            message="the new leader to act on an edit",
+        )
+    finally:
+        standby.stop()
+        if leader is not None:
+            leader.stop()

@@ -160,6 +160,20 @@ INVALID: list[tuple[str, str, dict[str, Any], tuple[str, ...]]] = [
         (".spec.canary: field not declared in schema",),
     ),
     ("name-too-long", "a" * 60, {"model": SRC}, ("metadata.name must be a DNS-1035 label",)),
+] + [
+    # Path-like digest keys: the server would refuse them at start (a crash loop).
+    (
+        f"digest-key-{case}",
+        "bad",
+        {"model": {**SRC, "sha256": {key: "a" * 64}}},
+        ("spec.model.sha256", "relative to the model"),
+    )
+    for case, key in [
+        ("parent", "../../../etc/shadow"),
+        ("absolute", "/proc/self/environ"),
+        ("empty", ""),
+        ("inner-parent", "weights/../../x"),
+    ]
 ]
 
 

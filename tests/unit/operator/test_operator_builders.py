@@ -282,9 +282,10 @@ def test_pdb_only_above_one_replica() -> None:
 
 
 def test_plan_deletions_lists_optional_children_not_wanted() -> None:
-    kinds = {kind for _, kind, _ in plan_deletions(_spec(), OWNER)}
+    kinds = {kind for _, kind, _ in plan_deletions(build_children(_spec(), OWNER), OWNER)}
     assert kinds == {"ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
-    assert plan_deletions(parse_spec(VARIANTS["autoscaling"]), OWNER) == [
+    auto = parse_spec(VARIANTS["autoscaling"])
+    assert plan_deletions(build_children(auto, OWNER), OWNER) == [
         ("v1", "ConfigMap", "glm-model-digests")
     ]
 

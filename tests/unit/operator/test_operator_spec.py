@@ -335,6 +335,12 @@ INVALID_FOR_PYDANTIC = [
     ),
     ({"model": {"source": "/m"}, "bogus": 1}, "bogus"),
 ]
+# Path-like digest keys the server would refuse at start (crash-looping pods).
+BAD_DIGEST_KEYS = ["../../../etc/shadow", "/proc/self/environ", "", "a/../b", "..", "x" * 513]
+INVALID_FOR_PYDANTIC += [
+    ({"model": {"source": "/m", "sha256": {key: "a" * 64}}}, "relative to the model directory")
+    for key in BAD_DIGEST_KEYS
+]
 
 
 @pytest.mark.parametrize(("spec", "needle"), INVALID_FOR_PYDANTIC)
@@ -361,3 +367,8 @@ def test_model_version() -> None:
         compute_model_version(parse_spec({"model": {"source": "/m", "version": "v7"}}).model)
         == "v7"
     )
+
+
+@pytest.mark.parametrize("key", ["model.safetensors", "sub/dir/x.bin", "a..b", ".hidden"])
+def test_digest_keys_inside_the_model_are_accepted(key: str) -> None:
+    assert parse_spec({"model": {"source": "/m", "sha256": {key: "a" * 64}}}).model.sha256

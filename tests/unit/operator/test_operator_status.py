@@ -1,15 +1,12 @@
-"""Status computation (pure) and the reconcile shell against an in-memory API."""
+"""Status computation (pure): one test per row of the table in operator/README.md."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
 
 from autoglm_operator.builders import REVISION_ANNOTATION, Owner, build_deployment
-from autoglm_operator.k8s import ApplyResult, KubeError
-from autoglm_operator.reconcile import reconcile
 from autoglm_operator.spec import parse_spec
 from autoglm_operator.status import (
     Observed,
@@ -236,7 +233,8 @@ def test_events_on_transitions() -> None:
         T1,
     )
     (event,) = compute_events(invalid, ready)
-    assert (event.type, event.reason) == ("Normal", "ReplicasReady")
+    assert (event.type, event.reason) == ("Normal", "Recovered")
+    assert "InvalidSpec" in event.message
     rolling = compute_status(
         SPEC,
         OWNER,
@@ -252,133 +250,241 @@ def test_merge_patch_nulls_keys_that_went_away() -> None:
     }
 
 
-# ---- the reconcile shell, with an in-memory API ---------------------------------------
+# ---- one test per row of the status table (operator/README.md) ----------------------------
+
+SPEC1 = parse_spec({"model": {"source": "/m"}, "replicas": 1})
 
 
-class FakeApi:
-    """Just enough of KubeApi: objects by (kind, name); counts writes."""
+def settle(spec: Any, dep: dict[str, Any], generation: int = 1) -> dict[str, Any]:
+    """The status after this generation rolled out and turned Ready."""
+    rolling = compute_status(
+        spec, OWNER, Observed(generation=generation, deployment=dep, nodes=NODES), T0
+    )
+    return compute_status(
+        spec,
+        OWNER,
+        Observed(generation=generation, previous=rolling, deployment=dep, nodes=NODES),
+        T0,
+    )
 
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {
-            ("AutoGLMDeployment", body["metadata"]["name"]): body
+
+def test_row_new_object_rolling_out_is_progressing_not_degraded() -> None:
+    dep = deployment(desired=1, ready=0, updated=1)  # pod created, not ready yet
+    status = compute_status(SPEC1, OWNER, Observed(generation=1, deployment=dep, nodes=NODES), T0)
+    assert conditions(status) == {
+        "Ready": ("False", "RolloutInProgress"),
+        "Progressing": ("True", "RolloutInProgress"),
+        "Degraded": ("False", "AsExpected"),
+    }
+    assert compute_events({}, status) == []
+
+
+def test_row_lost_replica_is_degraded_with_a_warning_then_recovers() -> None:
+    ready = settle(SPEC1, deployment(desired=1, ready=1, updated=1))
+    assert conditions(ready)["Ready"] == ("True", "ReplicasReady")
+    # The node dies: the pod goes NotReady; the spec and the template are unchanged.
+    lost_dep = deployment(desired=1, ready=0, updated=1)
+    lost = compute_status(
+        SPEC1, OWNER, Observed(generation=1, previous=ready, deployment=lost_dep, nodes=NODES), T1
+    )
+    assert conditions(lost) == {
+        "Ready": ("False", "ReplicasUnavailable"),
+        "Progressing": ("False", "ReplicasUnavailable"),
+        "Degraded": ("True", "ReplicasUnavailable"),
+    }
+    (event,) = compute_events(ready, lost)
+    assert (event.type, event.reason) == ("Warning", "ReplicasUnavailable")
+    # The replacement pod exists but is not ready yet: still Degraded, nothing new to say.
+    still = compute_status(
+        SPEC1, OWNER, Observed(generation=1, previous=lost, deployment=lost_dep, nodes=NODES), T1
+    )
+    assert conditions(still)["Degraded"] == ("True", "ReplicasUnavailable")
+    assert compute_events(lost, still) == []
+    back = compute_status(
+        SPEC1,
+        OWNER,
+        Observed(
+            generation=1,
+            previous=still,
+            deployment=deployment(desired=1, ready=1, updated=1),
+            nodes=NODES,
+        ),
+        T1,
+    )
+    assert conditions(back) == conditions(ready)
+    (event,) = compute_events(still, back)
+    assert (event.type, event.reason) == ("Normal", "Recovered")
+
+
+def test_row_autoscaler_adding_a_replica_is_not_degraded() -> None:
+    spec = parse_spec(
+        {
+            "model": {"source": "/m"},
+            "autoscaling": {
+                "minReplicas": 2,
+                "maxReplicas": 4,
+                "targets": [{"type": "queueDepth", "averageValue": "4"}],
+            },
         }
-        self.writes: list[str] = []
-        self.events: list[tuple[str, str]] = []
-        self.reject: str | None = None
-
-    def get(
-        self, api_version: str, kind: str, namespace: str | None, name: str
-    ) -> dict[str, Any] | None:
-        obj = self.objects.get((kind, name))
-        return copy.deepcopy(obj) if obj is not None else None
-
-    def list_objects(
-        self, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None
-    ) -> list[dict[str, Any]]:
-        return []
-
-    def list_nodes(self) -> list[dict[str, Any]]:
-        return NODES
-
-    def ensure_applied(self, manifest: dict[str, Any]) -> ApplyResult:
-        if manifest["kind"] == self.reject:
-            raise KubeError(422, "Invalid", f"{manifest['kind']} is invalid: spec.template: bad")
-        key = (manifest["kind"], manifest["metadata"]["name"])
-        if self.objects.get(key, {}).get("spec") == manifest.get("spec"):
-            return ApplyResult(manifest["kind"], manifest["metadata"]["name"], applied=False)
-        self.writes.append(f"apply {key}")
-        self.objects[key] = copy.deepcopy(manifest)
-        return ApplyResult(manifest["kind"], manifest["metadata"]["name"], applied=True)
-
-    def delete_owned(
-        self, api_version: str, kind: str, namespace: str, name: str, owner_uid: str
-    ) -> bool:
-        if self.objects.pop((kind, name), None) is not None:
-            self.writes.append(f"delete {kind}/{name}")
-            return True
-        return False
-
-    def patch_status(
-        self, api_version: str, kind: str, namespace: str, name: str, patch: dict[str, Any]
-    ) -> None:
-        self.writes.append("status")
-        body = self.objects[(kind, name)]
-        status = body.setdefault("status", {})
-        for k, v in patch.items():
-            if v is None:
-                status.pop(k, None)
-            else:
-                status[k] = v
-
-    def create_event(
-        self, involved: dict[str, Any], event_type: str, reason: str, message: str, now: str
-    ) -> None:
-        self.writes.append("event")
-        self.events.append((event_type, reason))
+    )
+    ready = settle(spec, deployment(desired=2, ready=2, updated=2))
+    scaling = compute_status(
+        spec,
+        OWNER,
+        Observed(
+            generation=1,
+            previous=ready,
+            deployment=deployment(desired=3, ready=2, updated=3),
+            nodes=NODES,
+        ),
+        T1,
+    )
+    assert conditions(scaling) == {
+        "Ready": ("True", "ReplicasReady"),
+        "Progressing": ("True", "Scaling"),
+        "Degraded": ("False", "AsExpected"),
+    }
+    assert compute_events(ready, scaling) == []
 
 
-def agd(spec: dict[str, Any], name: str = "glm") -> dict[str, Any]:
+def crash_looping_pod(name: str = "glm-7d9-abc") -> dict[str, Any]:
     return {
-        "apiVersion": "serving.autoglm.io/v1alpha1",
-        "kind": "AutoGLMDeployment",
-        "metadata": {"name": name, "namespace": "ns", "uid": "uid-1", "generation": 1},
-        "spec": spec,
+        "metadata": {"name": name},
+        "status": {
+            "phase": "Running",
+            "containerStatuses": [
+                {
+                    "name": "server",
+                    "ready": False,
+                    "restartCount": 4,
+                    "state": {
+                        "waiting": {
+                            "reason": "CrashLoopBackOff",
+                            "message": "back-off 1m20s restarting failed container=server",
+                        }
+                    },
+                    "lastState": {
+                        "terminated": {
+                            "exitCode": 1,
+                            "reason": "Error",
+                            "message": "ModelLoadError: sha256 mismatch for model.safetensors",
+                        }
+                    },
+                }
+            ],
+        },
     }
 
 
-def test_reconcile_twice_writes_once() -> None:
-    api = FakeApi(agd({"model": {"source": "/m"}}))
-    first = reconcile(api, "ns", "glm", now=T0)  # type: ignore[arg-type]
-    assert first.applied == ["Deployment/glm", "Service/glm", "Service/glm-headless"]
-    assert first.status_written
-    before = len(api.writes)
-    second = reconcile(api, "ns", "glm", now=T1)  # type: ignore[arg-type]
-    assert (second.applied, second.deleted, second.status_written) == ([], [], False)
-    assert len(api.writes) == before
-
-
-def test_reconcile_invalid_spec_sets_status_and_event_and_touches_no_child() -> None:
-    api = FakeApi(agd({"model": {"source": "s3://bucket/x"}}))
-    outcome = reconcile(api, "ns", "glm", now=T0)  # type: ignore[arg-type]
-    assert outcome.invalid is not None and "spec.model" in outcome.invalid
-    assert outcome.applied == []
-    status = api.objects[("AutoGLMDeployment", "glm")]["status"]
-    assert conditions(status)["Ready"] == ("False", "InvalidSpec")
-    assert api.events == [("Warning", "InvalidSpec")]
-    # Again: nothing new to say, nothing written.
-    before = len(api.writes)
-    reconcile(api, "ns", "glm", now=T1)  # type: ignore[arg-type]
-    assert len(api.writes) == before
-
-
-def test_reconcile_maps_an_api_rejection_to_invalid_spec() -> None:
-    api = FakeApi(agd({"model": {"source": "/m"}}))
-    api.reject = "Deployment"
-    outcome = reconcile(api, "ns", "glm", now=T0)  # type: ignore[arg-type]
-    assert outcome.invalid is not None and "rejected Deployment glm" in outcome.invalid
-    assert ("Warning", "InvalidSpec") in api.events
-
-
-def test_reconcile_removes_children_no_longer_wanted() -> None:
-    api = FakeApi(
-        agd(
-            {
-                "model": {"source": "/m"},
-                "autoscaling": {
-                    "minReplicas": 2,
-                    "maxReplicas": 4,
-                    "targets": [{"type": "queueDepth", "averageValue": "4"}],
-                },
-            }
-        )
+def test_row_crash_loop_names_the_cause_from_the_pod_state() -> None:
+    dep = deployment(desired=1, ready=0, updated=1)
+    status = compute_status(
+        SPEC1,
+        OWNER,
+        Observed(generation=1, deployment=dep, pods=[crash_looping_pod()], nodes=NODES),
+        T0,
     )
-    assert "HorizontalPodAutoscaler/glm" in reconcile(api, "ns", "glm", now=T0).applied  # type: ignore[arg-type]
-    api.objects[("AutoGLMDeployment", "glm")]["spec"] = {"model": {"source": "/m"}}
-    outcome = reconcile(api, "ns", "glm", now=T1)  # type: ignore[arg-type]
-    assert sorted(outcome.deleted) == ["HorizontalPodAutoscaler/glm", "PodDisruptionBudget/glm"]
+    assert conditions(status) == {
+        "Ready": ("False", "CrashLoopBackOff"),
+        "Progressing": ("True", "RolloutInProgress"),
+        "Degraded": ("True", "CrashLoopBackOff"),
+    }
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert "pod glm-7d9-abc" in ready["message"] and "4 restarts" in ready["message"]
+    assert "last exit 1 (Error): ModelLoadError: sha256 mismatch" in ready["message"]
+    (event,) = compute_events({}, status)
+    assert (event.type, event.reason) == ("Warning", "CrashLoopBackOff")
 
 
-def test_reconcile_of_a_missing_object_does_nothing() -> None:
-    api = FakeApi(agd({"model": {"source": "/m"}}))
-    assert reconcile(api, "ns", "other", now=T0).found is False  # type: ignore[arg-type]
-    assert api.writes == []
+def test_row_crash_loop_after_ready_is_degraded_and_not_progressing() -> None:
+    ready = settle(SPEC1, deployment(desired=1, ready=1, updated=1))
+    status = compute_status(
+        SPEC1,
+        OWNER,
+        Observed(
+            generation=1,
+            previous=ready,
+            deployment=deployment(desired=1, ready=0, updated=1),
+            pods=[crash_looping_pod()],
+            nodes=NODES,
+        ),
+        T1,
+    )
+    assert conditions(status) == {
+        "Ready": ("False", "CrashLoopBackOff"),
+        "Progressing": ("False", "CrashLoopBackOff"),
+        "Degraded": ("True", "CrashLoopBackOff"),
+    }
+
+
+def test_row_image_pull_failure_and_failed_pod() -> None:
+    pull = crash_looping_pod()
+    pull["status"]["containerStatuses"][0]["state"] = {
+        "waiting": {"reason": "ImagePullBackOff", "message": "pull access denied"}
+    }
+    pull["status"]["containerStatuses"][0]["lastState"] = {}
+    dep = deployment(desired=1, ready=0, updated=1)
+    status = compute_status(
+        SPEC1, OWNER, Observed(generation=1, deployment=dep, pods=[pull], nodes=NODES), T0
+    )
+    assert conditions(status)["Ready"] == ("False", "ImagePullBackOff")
+    failed = {"metadata": {"name": "p"}, "status": {"phase": "Failed", "reason": "Evicted"}}
+    status = compute_status(
+        SPEC1, OWNER, Observed(generation=1, deployment=dep, pods=[failed], nodes=NODES), T0
+    )
+    assert conditions(status)["Degraded"] == ("True", "Evicted")
+
+
+def test_row_unschedulable_is_degraded_and_still_progressing() -> None:
+    spec = parse_spec({"model": {"source": "/m"}, "resources": {"gpuProduct": "NVIDIA-B200"}})
+    dep = deployment(desired=1, ready=0, updated=1)
+    status = compute_status(spec, OWNER, Observed(generation=1, deployment=dep, nodes=NODES), T0)
+    assert conditions(status) == {
+        "Ready": ("False", "Unschedulable"),
+        "Progressing": ("True", "RolloutInProgress"),
+        "Degraded": ("True", "Unschedulable"),
+    }
+
+
+def test_row_scaled_to_zero_on_purpose_is_not_degraded() -> None:
+    spec = parse_spec({"model": {"source": "/m"}, "replicas": 0})
+    dep = deployment(desired=0, ready=0, updated=0)
+    status = compute_status(spec, OWNER, Observed(generation=1, deployment=dep, nodes=NODES), T0)
+    assert conditions(status) == {
+        "Ready": ("False", "ScaledToZero"),
+        "Progressing": ("False", "RolloutComplete"),
+        "Degraded": ("False", "AsExpected"),
+    }
+    (event,) = compute_events({}, status)
+    assert (event.type, event.reason) == ("Normal", "ScaledToZero")
+
+
+def test_row_api_trouble_keeps_what_is_observed_and_is_degraded() -> None:
+    ready = settle(SPEC1, deployment(desired=1, ready=1, updated=1))
+    status = compute_status(
+        SPEC1,
+        OWNER,
+        Observed(
+            generation=1,
+            previous=ready,
+            deployment=deployment(desired=1, ready=1, updated=1),
+            nodes=NODES,
+            api_error="the API server refused a request (403 Forbidden): no",
+        ),
+        T1,
+    )
+    assert conditions(status) == {
+        "Ready": ("True", "ReplicasReady"),
+        "Progressing": ("False", "RolloutComplete"),
+        "Degraded": ("True", "ApiError"),
+    }
+    (event,) = compute_events(ready, status)
+    assert (event.type, event.reason) == ("Warning", "ApiError")
+    # An API error does not make lost replicas out of a rollout that is not done.
+    fresh = compute_status(
+        SPEC1,
+        OWNER,
+        Observed(generation=1, deployment=None, api_error="403"),
+        T1,
+    )
+    assert conditions(fresh)["Degraded"] == ("True", "ApiError")

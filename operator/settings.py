@@ -1,0 +1,93 @@
+"""The operator's settings, from its environment variables, in one place (pure).
+
+``Settings.from_environ`` reads every ``AUTOGLM_OPERATOR_*`` variable once and
+raises ``SettingsError`` naming the variable when a value is wrong, so a bad
+deployment fails at start rather than somewhere in a handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+PREFIX = "AUTOGLM_OPERATOR_"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the operator cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of the operator process; the env variable is ``AUTOGLM_OPERATOR_<NAME>``."""
+
+    # Period of the resync timer. Reads come from the watch cache, so a tick of
+    # an unchanged object sends no request; it only repairs what an event missed.
+    resync_seconds: float = 60.0
+    # Prometheus metrics port; 0 turns the endpoint off.
+    metrics_port: int = 8080
+    # "json" or "text".
+    log_format: str = "json"
+    # kopf peering object for leader election (``--standalone`` turns peering off).
+    peering: str = "autoglm-operator"
+    # This instance's peering priority; None: by start time (the newest leads).
+    priority: int | None = None
+    # Seconds a peer counts as alive after its last heartbeat: how long a
+    # standby waits before it takes over from a leader that died without leaving.
+    peering_lifetime: int = 60
+    # Worker threads that run reconciles (kopf's ``execution.max_workers``).
+    workers: int = 8
+    # Client-side rate limit of the operator's own requests: sustained and burst.
+    api_qps: float = 50.0
+    api_burst: int = 100
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Settings:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = PREFIX + f.name.upper()
+            raw = environ.get(var)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(var, raw, f.name)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.resync_seconds <= 0:
+            raise SettingsError(f"{PREFIX}RESYNC_SECONDS must be > 0, got {self.resync_seconds}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(f"{PREFIX}METRICS_PORT must be 0-65535, got {self.metrics_port}")
+        if self.log_format not in ("json", "text"):
+            raise SettingsError(f"{PREFIX}LOG_FORMAT must be json or text, got {self.log_format!r}")
+        if self.peering_lifetime < 2:
+            raise SettingsError(
+                f"{PREFIX}PEERING_LIFETIME must be >= 2, got {self.peering_lifetime}"
+            )
+        if self.workers < 1:
+            raise SettingsError(f"{PREFIX}WORKERS must be >= 1, got {self.workers}")
+        if self.api_burst < 1:
+            raise SettingsError(f"{PREFIX}API_BURST must be >= 1, got {self.api_burst}")
+
+
+_TYPES: dict[str, type] = {
+    "resync_seconds": float,
+    "metrics_port": int,
+    "log_format": str,
+    "peering": str,
+    "priority": int,
+    "peering_lifetime": int,
+    "workers": int,
+    "api_qps": float,
+    "api_burst": int,
+}
+
+
+def _parse(var: str, raw: str, name: str) -> Any:
+    kind = _TYPES[name]
+    try:
+        return kind(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{var} must be {kind.__name__}, got {raw!r}") from None
