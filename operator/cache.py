@@ -59,9 +59,12 @@ def compute_fresher(watched: Body | None, written: Body | None) -> Body | None:
         return watched
     mine = compute_resource_version(written)
     theirs = compute_resource_version(watched)
-    if mine is None or (theirs is not None and theirs >= mine):
+    deleted = bool(written.get("deleted"))
+    if mine is None:
         return watched
-    return None if written.get("deleted") else written
+    if theirs is not None and (theirs > mine or (theirs == mine and not deleted)):
+        return watched  # the watch caught up (or the object was made again after our delete)
+    return None if deleted else written
 
 
 class WriteLog:

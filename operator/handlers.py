@@ -282,15 +282,21 @@ def on_object_event(
     _managed.add(uid)
     metrics.MANAGED_OBJECTS.set(len(_managed))
     assert namespace is not None  # the resource is namespaced
-    if compute_own_echo(body):
-        return
+    if type is not None and compute_own_echo(body):
+        return  # (type None: the listing at start or after a reconnect; always reconcile)
     try:
         run_reconcile(memo.api, build_view(memo, kwargs), namespace, name, logger)
     except kopf.TemporaryError as exc:
         logger.warning("reconcile failed; the timer retries: %s", exc)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds)
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    interval=SETTINGS.resync_seconds,
+    initial_delay=SETTINGS.resync_seconds,
+)
 def on_timer(namespace: str | None, name: str, memo: Any, logger: Any, **kwargs: Any) -> None:
     assert namespace is not None
     run_reconcile(memo.api, build_view(memo, kwargs), namespace, name, logger)
@@ -336,8 +342,8 @@ def on_child_event(
 ) -> None:
     """A child changed or went away: reconcile its owner now rather than at the next tick."""
     owner = _controller_owner(body)
-    if owner is None or namespace is None:
-        return
+    if owner is None or namespace is None or type is None:
+        return  # type None: the listing; the owner's own listing event reconciles it
     if type == "DELETED":
         memo.writes.discard(str(body.get("kind", "")), namespace, name)
     elif compute_caused_by(body, FIELD_MANAGER):
@@ -352,9 +358,11 @@ for _group, _version, _plural, _kind in CHILD_RESOURCES:
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILD_SELECTOR)
-def on_pod_event(namespace: str | None, labels: Any, memo: Any, logger: Any, **kwargs: Any) -> None:
+def on_pod_event(
+    type: str | None, namespace: str | None, labels: Any, memo: Any, logger: Any, **kwargs: Any
+) -> None:
     """A server pod changed (started, became ready, crashed, went away): its owner's status may too."""
     owner = labels.get(INSTANCE_LABEL)
-    if owner is None or namespace is None:
+    if owner is None or namespace is None or type is None:
         return
     reconcile_soon(memo, kwargs, namespace, owner, logger)
