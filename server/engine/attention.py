@@ -1,67 +1,161 @@
-"""Attention over the slot KV cache, registered with transformers as ``"autoglm"``.
+"""Attention over the paged KV cache, registered with transformers as ``"autoglm"``.
 
 The runner packs every scheduled token of a step into ONE sequence and calls
-the unmodified Hugging Face model on it; attention is the only place where
+the unmodified Hugging Face decoder on it; attention is the only place where
 sequences must not see each other, and it is also where the KV cache lives.
-:func:`autoglm_attention` is registered with transformers'
-``AttentionInterface``; the step's :class:`AttentionMetadata` reaches it
-through the model's ``**kwargs`` (under :data:`META_KWARG`), which transformers
-forwards to every attention call. The function:
+:func:`autoglm_attention` is registered with transformers' ``AttentionInterface``
+and calls the custom op ``autoglm::paged_attention``, which
 
-1. writes this step's K/V into the cache
-   ``[layers, slots, kv_heads, max_model_len, head_dim]`` (by ``module.layer_idx``);
-2. runs ONE batched SDPA for all single-token (decode) sequences over their
-   slots, with a length mask, and one SDPA per multi-token prefill chunk
-   (causal, against the chunk's cached prefix).
+1. writes this step's K/V into the cache at the step's flat ``slot_mapping``;
+2. runs the *decode* rows (the first ``num_decode`` packed tokens, one per
+   sequence) through the backend's paged decode kernel, which reads each
+   sequence's blocks up to its real length;
+3. runs the *prefill* chunks (the rest) through the backend's varlen prefill.
 
-Grouped-query attention is handled by folding the query heads of a group into
-the query-length axis (``[B, kv_heads, group, head_dim]``), so no K/V is ever
-repeated or copied. Because ``"autoglm"`` has no mask function registered,
-transformers skips causal-mask construction entirely (it returns ``None`` for
-unknown implementations); the masks are built by the runner once per step.
+The op is opaque to ``torch.compile``: the model around it compiles into a
+few fused kernels per layer, with no graph break, and the KV write is never
+functionalized into copies of the cache, because the cache and the step's
+metadata are not arguments of the op: they are read from the step context
+(:func:`set_step`), which the runner sets before each forward pass and which a
+captured CUDA graph keeps pointing at its own static buffers.
+
+Backends (:class:`AttentionBackend`) share one interface:
+
+- :class:`PortableBackend`: plain torch (SDPA over gathered blocks); runs on
+  CPU, so CI tests the engine end to end; exact for float32.
+- :class:`TritonBackend` (CUDA): decode through our Triton paged kernel
+  (``triton_attention.py``); prefill through PyTorch's flash kernel in varlen
+  form (``aten._flash_attention_forward`` with ``cu_seqlens``), over the new
+  tokens themselves or, when a chunk continues a cached prefix, over a
+  gathered copy of its context.
+
+A FlashInfer backend would implement the same two methods.
+``bench/bench_attention.py`` compares the candidates side by side.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend
 
 ATTN_IMPLEMENTATION = "autoglm"
-META_KWARG = "autoglm_meta"
-# cuDNN's SDPA builds (and caches) an execution plan per shape; decode shapes
-# change every step, so it costs milliseconds of CPU per call. Flash and
-# memory-efficient kernels need no plan.
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(slots=True)
 class PrefillChunk:
     tok_start: int  # first index of this chunk in the packed batch
     tok_end: int  # one past the last
-    slot: int
+    slot: int  # block-table row
     start_pos: int  # tokens of this sequence already in the cache before this step
-    mask: torch.Tensor | None  # [group * n, start_pos + n] bool; None: plain causal, no prefix
 
 
 @dataclass(slots=True)
-class AttentionMetadata:
-    """Everything the attention function needs for one step; built once, used by every layer."""
+class StepAttention:
+    """Everything attention needs for one step; built once, used by every layer."""
 
-    k_cache: torch.Tensor  # [layers, slots, kv_heads, max_len, head_dim]
+    slot_mapping: torch.Tensor  # [T] int64: flat cache row of every packed token
+    num_decode: int  # the first num_decode packed tokens are one-token sequences
+    decode_row_slots: torch.Tensor  # [num_decode] int64: block-table row of each
+    decode_seq_lens: torch.Tensor  # [num_decode] int32: tokens each attends to (0: idle row)
+    decode_max_len: int  # host: max of decode_seq_lens (portable path); 0 in CUDA graphs
+    num_splits: int  # split-K factor of the Triton decode kernel
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    cu_seqlens_q: torch.Tensor | None = None  # [P + 1] int32 over the prefill tokens
+    cu_seqlens_k: torch.Tensor | None = None  # [P + 1] int32 over the contexts
+    max_q: int = 0
+    max_k: int = 0
+    # Flat cache rows of every chunk's whole context (prefix + chunk), concatenated;
+    # None when no chunk has a cached prefix (then the context is the chunk itself).
+    ctx_index: torch.Tensor | None = None
+
+
+class AttentionBackend(Protocol):
+    name: str
+    supports_cuda_graphs: bool
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        ctx: StepContext,
+        scale: float,
+    ) -> torch.Tensor:
+        """``q`` ``[num_decode, H, d]`` -> ``[num_decode, H, d]`` over each row's blocks."""
+        ...
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        ctx: StepContext,
+        scale: float,
+    ) -> torch.Tensor:
+        """Causal attention of the prefill tokens ``[Tp, H, d]`` (K/V already written)."""
+        ...
+
+
+@dataclass(slots=True)
+class StepContext:
+    """The cache, the block tables, the backend and the current step."""
+
+    k_cache: torch.Tensor  # [layers, tokens, kv_heads, d]
     v_cache: torch.Tensor
-    write_slots: torch.Tensor  # [T] slot of every packed token
-    write_pos: torch.Tensor  # [T] position of every packed token
-    num_decode: int  # the first num_decode packed tokens are single-token sequences
-    decode_slots: torch.Tensor | None  # [num_decode] slot ids (None when the range below applies)
-    decode_slot_range: tuple[int, int] | None  # (first, last + 1) when slots are consecutive
-    decode_max_len: int  # longest kv length among decodes
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, decode_max_len] bool
-    prefills: list[PrefillChunk]
-    group: int  # query heads per kv head
+    block_tables: torch.Tensor  # [slots, max_blocks] int32
+    block_size: int
+    backend: AttentionBackend
+    step: StepAttention | None = None
+
+
+_context: StepContext | None = None
+
+
+def set_context(ctx: StepContext | None) -> None:
+    """Install the runner's context (the cache etc.); the runner sets ``ctx.step`` per step."""
+    global _context
+    _context = ctx
+
+
+def current_context() -> StepContext:
+    if _context is None or _context.step is None:
+        raise RuntimeError(
+            "the autoglm attention implementation needs the runner's step context; "
+            "call the model through ModelRunner"
+        )
+    return _context
+
+
+@torch.library.custom_op("autoglm::paged_attention", mutates_args=())
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float
+) -> torch.Tensor:
+    """``q`` ``[T, H, d]``, ``k``/``v`` ``[T, kv_heads, d]`` -> ``[T, H, d]``."""
+    ctx = current_context()
+    step = ctx.step
+    assert step is not None
+    k_cache = ctx.k_cache[layer]
+    v_cache = ctx.v_cache[layer]
+    k_cache.index_copy_(0, step.slot_mapping, k)
+    v_cache.index_copy_(0, step.slot_mapping, v)
+    nd = step.num_decode
+    if not step.prefills:
+        return ctx.backend.decode(q, k_cache, v_cache, ctx, scale)
+    pre = ctx.backend.prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, ctx, scale)
+    if not nd:
+        return pre
+    dec = ctx.backend.decode(q[:nd], k_cache, v_cache, ctx, scale)
+    return torch.cat([dec, pre], dim=0)
+
+
+@paged_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    return torch.empty_like(q)
 
 
 def autoglm_attention(
@@ -74,68 +168,14 @@ def autoglm_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Slot-cache attention over a packed batch (registered as ``"autoglm"``).
-
-    ``query`` is ``[1, heads, T, head_dim]``, ``key``/``value`` are
-    ``[1, kv_heads, T, head_dim]``; returns ``[1, T, heads, head_dim]`` like
-    transformers' own SDPA function.
-    """
-    meta: AttentionMetadata | None = kwargs.get(META_KWARG)
-    if meta is None:
-        raise RuntimeError(
-            "the autoglm attention implementation needs the runner's metadata; "
-            "call the model through ModelRunner"
-        )
-    layer = int(module.layer_idx)  # type: ignore[arg-type]
-    k_cache = meta.k_cache[layer]  # [slots, kvh, max_len, d]
-    v_cache = meta.v_cache[layer]
-    k_new = key[0].transpose(0, 1)  # [T, kvh, d]
-    v_new = value[0].transpose(0, 1)
-    k_cache[meta.write_slots, :, meta.write_pos] = k_new
-    v_cache[meta.write_slots, :, meta.write_pos] = v_new
-
-    heads, head_dim = query.shape[1], query.shape[3]
-    kv_heads = key.shape[1]
-    group = meta.group
-    pieces: list[torch.Tensor] = []
-
-    n_dec = meta.num_decode
-    if n_dec:
-        # [H, n, d] -> [n, kvh, group, d]: a decode query is one token, so the
-        # heads of a group can stand in for the query-length axis.
-        q = query[0, :, :n_dec].transpose(0, 1).reshape(n_dec, kv_heads, group, head_dim)
-        if meta.decode_slot_range is not None:
-            first, last = meta.decode_slot_range
-            k = k_cache[first:last, :, : meta.decode_max_len]
-            v = v_cache[first:last, :, : meta.decode_max_len]
-        else:
-            assert meta.decode_slots is not None
-            k = k_cache.index_select(0, meta.decode_slots)[:, :, : meta.decode_max_len]
-            v = v_cache.index_select(0, meta.decode_slots)[:, :, : meta.decode_max_len]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.decode_mask, scale=scaling)
-        pieces.append(out.reshape(n_dec, heads, head_dim))
-
-    for chunk in meta.prefills:
-        n = chunk.tok_end - chunk.tok_start
-        q = query[:, :, chunk.tok_start : chunk.tok_end]  # [1, H, n, d]
-        if chunk.mask is None:
-            # A whole prompt (or its first chunk): its own K/V are all it attends to.
-            k = key[:, :, chunk.tok_start : chunk.tok_end]
-            v = value[:, :, chunk.tok_start : chunk.tok_end]
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scaling, enable_gqa=group > 1
-            )
-            pieces.append(out[0].transpose(0, 1))  # [n, H, d]
-        else:
-            end = chunk.start_pos + n
-            k = k_cache[chunk.slot : chunk.slot + 1, :, :end]
-            v = v_cache[chunk.slot : chunk.slot + 1, :, :end]
-            qf = q.reshape(1, kv_heads, group * n, head_dim)
-            out = F.scaled_dot_product_attention(qf, k, v, attn_mask=chunk.mask, scale=scaling)
-            pieces.append(out.reshape(heads, n, head_dim).transpose(0, 1))
-
-    attn = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
-    return attn.unsqueeze(0), None
+    """transformers' attention signature: ``query`` ``[1, H, T, d]``, ``key``/``value``
+    ``[1, kv_heads, T, d]``; returns ``[1, T, H, d]``."""
+    q = query[0].transpose(0, 1)
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
+    out = paged_attention(q, k, v, int(module.layer_idx), scale)  # type: ignore[arg-type]
+    return out.unsqueeze(0), None
 
 
 def register_attention() -> None:
@@ -143,3 +183,173 @@ def register_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, autoglm_attention)
+
+
+# -- backends ------------------------------------------------------------------------------------
+
+
+def _flat_rows(ctx: StepContext, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Flat cache rows of positions ``pos`` of block-table rows ``slots`` (broadcast)."""
+    bs = ctx.block_size
+    blocks = ctx.block_tables[slots, pos // bs].to(torch.int64)
+    return blocks * bs + pos % bs
+
+
+class PortableBackend:
+    """Plain torch: SDPA over gathered blocks. Any device; graphs not supported."""
+
+    name = "portable"
+    supports_cuda_graphs = False
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        ctx: StepContext,
+        scale: float,
+    ) -> torch.Tensor:
+        step = ctx.step
+        assert step is not None
+        n, heads, d = q.shape
+        kv_heads = k_cache.shape[1]
+        length = max(step.decode_max_len, 1)
+        pos = torch.arange(length, device=q.device)
+        valid = pos[None, :] < step.decode_seq_lens[:, None].to(torch.int64)  # [n, L]
+        rows = _flat_rows(ctx, step.decode_row_slots[:, None], pos[None, :])
+        rows = torch.where(valid, rows, 0)
+        k = k_cache[rows].transpose(1, 2)  # [n, kvh, L, d]
+        v = v_cache[rows].transpose(1, 2)
+        # A decode query is one token, so the heads of a group stand in for the
+        # query-length axis: no K/V is repeated.
+        qf = q.reshape(n, kv_heads, heads // kv_heads, d)
+        out = F.scaled_dot_product_attention(
+            qf, k, v, attn_mask=valid[:, None, None, :], scale=scale
+        )
+        return out.reshape(n, heads, d)
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        ctx: StepContext,
+        scale: float,
+    ) -> torch.Tensor:
+        step = ctx.step
+        assert step is not None
+        heads, d = q.shape[1], q.shape[2]
+        kv_heads = k.shape[1]
+        group = heads // kv_heads
+        base = step.num_decode
+        pieces: list[torch.Tensor] = []
+        for chunk in step.prefills:
+            a, b = chunk.tok_start - base, chunk.tok_end - base
+            n = b - a
+            qc = q[a:b].transpose(0, 1)  # [H, n, d]
+            if chunk.start_pos == 0:
+                kc = k[a:b].transpose(0, 1)
+                vc = v[a:b].transpose(0, 1)
+                out = F.scaled_dot_product_attention(
+                    qc[None], kc[None], vc[None], is_causal=True, scale=scale, enable_gqa=group > 1
+                )[0]
+                pieces.append(out.transpose(0, 1))
+                continue
+            end = chunk.start_pos + n
+            pos = torch.arange(end, device=q.device)
+            slot = torch.full_like(pos, chunk.slot)
+            rows = _flat_rows(ctx, slot, pos)
+            kc = k_cache[rows].transpose(0, 1)  # [kvh, end, d]
+            vc = v_cache[rows].transpose(0, 1)
+            q_pos = torch.arange(chunk.start_pos, end, device=q.device)
+            mask = pos[None, :] <= q_pos[:, None]  # [n, end]
+            if group > 1:
+                mask = mask.repeat(group, 1)
+            qf = qc.reshape(kv_heads, group * n, d)
+            out = F.scaled_dot_product_attention(qf, kc, vc, attn_mask=mask, scale=scale)
+            pieces.append(out.reshape(heads, n, d).transpose(0, 1))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
+
+class TritonBackend:
+    """CUDA: Triton paged decode, flash varlen prefill (float16/bfloat16)."""
+
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self) -> None:
+        from . import triton_attention
+
+        self._kernels = triton_attention
+        self._portable = PortableBackend()
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        ctx: StepContext,
+        scale: float,
+    ) -> torch.Tensor:
+        step = ctx.step
+        assert step is not None
+        out: torch.Tensor = self._kernels.paged_decode(
+            q,
+            k_cache,
+            v_cache,
+            ctx.block_tables,
+            step.decode_row_slots,
+            step.decode_seq_lens,
+            block_size=ctx.block_size,
+            scale=scale,
+            num_splits=step.num_splits,
+        )
+        return out
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        ctx: StepContext,
+        scale: float,
+    ) -> torch.Tensor:
+        step = ctx.step
+        assert step is not None
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return self._portable.prefill(q, k, v, k_cache, v_cache, ctx, scale)
+        if step.ctx_index is not None:
+            k = k_cache.index_select(0, step.ctx_index)
+            v = v_cache.index_select(0, step.ctx_index)
+        out = torch.ops.aten._flash_attention_forward(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            step.cu_seqlens_q,
+            step.cu_seqlens_k,
+            step.max_q,
+            step.max_k,
+            0.0,
+            True,
+            False,
+            scale=scale,
+        )[0]
+        result: torch.Tensor = out
+        return result
+
+
+def make_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``auto``: Triton on CUDA, portable elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "portable"
+    if name == "portable":
+        return PortableBackend()
+    if name == "triton":
+        if device.type != "cuda":
+            raise ValueError("attention_backend: triton needs a CUDA device")
+        return TritonBackend()
+    raise ValueError(f"attention_backend: must be auto, portable or triton, got {name!r}")

@@ -59,8 +59,30 @@ class EngineConfig:
     trust_remote_code: bool = False  # explicit opt-in to run code shipped with the model
     sha256_file: str | None = None  # JSON {"file.safetensors": "<hex>"}; every file verified
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    # KV cache and kernels (see engine/README.md).
+    kv_cache_memory_fraction: float = 0.9  # CUDA: share of the device for weights + KV + work
+    kv_block_size: int = 16  # tokens per KV block (prefix caching shares whole blocks)
+    num_kv_blocks: int | None = None  # None: from free memory (CUDA) or slots x max_model_len
+    prefix_caching: bool = True  # reuse the KV of shared prompt prefixes
+    attention_backend: str = "auto"  # auto | portable | triton
+    compile: bool | None = None  # torch.compile of the decoder; None: on for CUDA
+    compile_cache_dir: str | None = None  # where compiled kernels persist across restarts
 
     def __post_init__(self) -> None:
+        if not 0.05 <= self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(
+                "kv_cache_memory_fraction: must be in [0.05, 1], "
+                f"got {self.kv_cache_memory_fraction}"
+            )
+        if self.kv_block_size < 1 or self.kv_block_size & (self.kv_block_size - 1):
+            raise ValueError(f"kv_block_size: must be a power of two, got {self.kv_block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks: must be >= 2, got {self.num_kv_blocks}")
+        if self.attention_backend not in ("auto", "portable", "triton"):
+            raise ValueError(
+                "attention_backend: must be auto, portable or triton, "
+                f"got {self.attention_backend!r}"
+            )
         if not self.model:
             raise ValueError("model: must not be empty")
         if self.dtype not in DTYPES:

@@ -2,11 +2,16 @@
 
 Per-step CPU work (Python, kernel launches) is larger than the GPU work of a
 9B model's decode step, so pure-decode steps replay a captured graph instead
-of running the model eagerly. A graph covers the slots ``[0, rows)`` and kv
-lengths up to ``kv_len``, bucketed to powers of two, so a few dozen graphs
-(captured during warm-up) serve every decode step. If capture fails for some
-architecture, :class:`DecodeGraphs` logs it once and disables itself; the
-runner then decodes eagerly.
+of running the model eagerly. A graph serves any decode step of up to ``rows``
+sequences: its inputs are static buffers (token ids, positions, flat KV write
+rows, block-table rows and context lengths, one column per row), which each
+step overwrites before the replay. Context lengths are read on the device by
+the paged decode kernel, so graphs are bucketed by row count only (a few
+dozen, captured during warm-up), never by context length. Idle rows have
+length 0 and write their K/V into the scratch block, which is never read.
+
+If capture fails for some architecture, :class:`DecodeGraphs` logs it once and
+disables itself; the runner then decodes eagerly.
 """
 
 from __future__ import annotations
@@ -20,105 +25,96 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-MIN_KV_BUCKET = 256
+# forward(inputs [5, rows] int64) -> logits [rows, vocab] float32
+GraphForward = Callable[[torch.Tensor], torch.Tensor]
 
-# forward(inputs [3, rows] int64, rows, kv_len) -> logits [rows, vocab] float32
-GraphForward = Callable[[torch.Tensor, int, int], torch.Tensor]
+# inputs rows
+IDS, POSITIONS, SLOT_MAPPING, ROW_SLOTS, SEQ_LENS = range(5)
 
 
 @dataclass(slots=True)
 class DecodeGraph:
-    """A captured decode step over slots [0, rows) attending to at most kv_len positions."""
+    """A captured decode step of ``rows`` rows."""
 
     graph: Any  # torch.cuda.CUDAGraph
     rows: int
-    kv_len: int
-    inputs: torch.Tensor  # [3, rows] int64: token ids, positions, KV write positions
+    inputs: torch.Tensor  # [5, rows] int64: ids, positions, KV write rows, table rows, lengths
     logits: torch.Tensor  # [rows, vocab] float32, overwritten by every replay
 
 
+def row_buckets(max_rows: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 64, then every 16; the last is ``max_rows``."""
+    sizes = [1, 2, 4, 8, *range(16, 65, 8), *range(80, max_rows + 16, 16)]
+    out = sorted({min(s, max_rows) for s in sizes})
+    return out
+
+
 class DecodeGraphs:
-    """The captured decode graphs, keyed by (rows, kv_len) bucket."""
+    """The captured decode graphs, keyed by row bucket."""
 
     def __init__(
         self,
         forward: GraphForward,
         *,
-        num_slots: int,
-        max_model_len: int,
-        scratch_pos: int,
+        max_rows: int,
+        scratch_row: int,
         device: torch.device,
         enabled: bool,
     ) -> None:
         self._forward = forward
-        self.num_slots = num_slots
-        self.max_model_len = max_model_len
-        self.scratch_pos = scratch_pos
+        self.max_rows = max_rows
+        self.scratch_row = scratch_row
         self.device = device
         self.enabled = enabled
-        self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self.buckets = row_buckets(max_rows)
+        self.graphs: dict[int, DecodeGraph] = {}
         self._pool: Any = torch.cuda.graph_pool_handle() if enabled else None
 
-    def bucket(self, max_slot: int, longest: int) -> tuple[int, int]:
-        """(rows, kv_len) for a step whose highest slot is max_slot and longest kv is longest."""
-        rows = pow2_at_least(max_slot + 1, self.num_slots)
-        kv_len = min(pow2_at_least(longest, None, MIN_KV_BUCKET), self.max_model_len)
-        return rows, kv_len
+    def bucket(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
 
-    def get(self, rows: int, kv_len: int) -> DecodeGraph | None:
-        """The graph for this bucket, capturing it once; None once capture has failed."""
-        graph = self.graphs.get((rows, kv_len))
-        return graph if graph is not None else self._capture_or_disable(rows, kv_len)
+    def get(self, rows: int) -> DecodeGraph | None:
+        """The graph for ``rows`` rows (bucketed), capturing it once; None once capture failed."""
+        size = self.bucket(rows)
+        graph = self.graphs.get(size)
+        return graph if graph is not None else self._capture_or_disable(size)
 
-    def _capture_or_disable(self, rows: int, kv_len: int) -> DecodeGraph | None:
+    def idle_inputs(self, rows: int) -> torch.Tensor:
+        inputs = torch.zeros(5, rows, dtype=torch.int64)
+        inputs[SLOT_MAPPING].fill_(self.scratch_row)
+        return inputs
+
+    def _capture_or_disable(self, rows: int) -> DecodeGraph | None:
         try:
-            graph = self._capture(rows, kv_len)
+            graph = self._capture(rows)
         except Exception as exc:  # e.g. a model with data-dependent control flow
             logger.warning("CUDA graph capture failed, decoding eagerly from now on: %s", exc)
             self.enabled = False
             self.graphs.clear()
             return None
-        self.graphs[(rows, kv_len)] = graph
-        logger.debug("captured decode graph: %d rows, kv length %d", rows, kv_len)
+        self.graphs[rows] = graph
+        logger.debug("captured decode graph: %d rows", rows)
         return graph
 
-    def _capture(self, rows: int, kv_len: int) -> DecodeGraph:
-        inputs = torch.zeros(3, rows, dtype=torch.int64, device=self.device)
-        inputs[2].fill_(self.scratch_pos)  # all rows idle while warming up and capturing
+    def _capture(self, rows: int) -> DecodeGraph:
+        inputs = self.idle_inputs(rows).to(self.device)  # all rows idle while capturing
         stream_cls: Any = torch.cuda.Stream  # untyped in torch's stubs
         stream = stream_cls(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._forward(inputs, rows, kv_len)
+                self._forward(inputs)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(inputs, rows, kv_len)
-        return DecodeGraph(graph, rows, kv_len, inputs, logits)
+            logits = self._forward(inputs)
+        return DecodeGraph(graph, rows, inputs, logits)
 
     def capture_all(self) -> None:
-        """Capture a decode graph for every (rows, kv length) bucket."""
-        rows_buckets = sorted(
-            {pow2_at_least(n, self.num_slots) for n in range(1, self.num_slots + 1)}
-        )
-        # Every kv length the lazy path can ask for: powers of two from the floor, then the cap.
-        top = self.max_model_len.bit_length() + 1
-        kv_buckets = sorted(
-            {min(pow2_at_least(2**k, None, MIN_KV_BUCKET), self.max_model_len) for k in range(top)}
-        )
-        for rows in rows_buckets:
-            for kv_len in kv_buckets:
-                if not self.enabled:
-                    return
-                if (rows, kv_len) not in self.graphs:
-                    self._capture_or_disable(rows, kv_len)
+        """Capture a decode graph for every row bucket, largest first (they share one pool)."""
+        for rows in reversed(self.buckets):
+            if not self.enabled:
+                return
+            if rows not in self.graphs:
+                self._capture_or_disable(rows)
         logger.info("captured %d CUDA graphs for decode", len(self.graphs))
-
-
-def pow2_at_least(n: int, cap: int | None, floor: int = 1) -> int:
-    """The smallest power of two >= max(n, floor), capped at ``cap``."""
-    size = floor
-    while size < n:
-        size *= 2
-    return size if cap is None else min(size, cap)

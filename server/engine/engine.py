@@ -55,6 +55,7 @@ from .api import (
     ModelInfo,
     Usage,
 )
+from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, TokenDecoder
 from .loader import LoadedModel, load_model
@@ -187,7 +188,12 @@ class LLMEngine:
         await run_in_daemon_thread(self._runner.warmup)
         self._loaded = loaded
         self._decoder = TokenDecoder(loaded.tokenizer)
-        self._scheduler = Scheduler(self.config.batching, loaded.max_model_len)
+        blocks = BlockManager(
+            self._runner.num_blocks,
+            self._runner.block_size,
+            prefix_caching=self.config.prefix_caching,
+        )
+        self._scheduler = Scheduler(self.config.batching, loaded.max_model_len, blocks=blocks)
         self._info = ModelInfo(
             name=self.served_model_name,
             version=self.config.model_version,
@@ -206,11 +212,19 @@ class LLMEngine:
     def _build_runner(self, loaded: LoadedModel) -> Any:
         from .runner import ModelRunner
 
+        cfg = self.config
         return ModelRunner(
             loaded.model,
-            num_slots=self.config.batching.max_batch_size,
+            num_slots=cfg.batching.max_batch_size,
             max_model_len=loaded.max_model_len,
             device=loaded.device,
+            block_size=cfg.kv_block_size,
+            num_blocks=cfg.num_kv_blocks,
+            memory_fraction=cfg.kv_cache_memory_fraction,
+            max_batch_tokens=cfg.batching.max_batch_tokens,
+            attention_backend=cfg.attention_backend,
+            compile=cfg.compile,
+            compile_cache_dir=cfg.compile_cache_dir,
         )
 
     async def shutdown(self, grace_s: float = 30.0) -> None:

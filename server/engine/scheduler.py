@@ -15,10 +15,20 @@ Policy, in order, on every step:
    priority, while a KV slot is free and the token budget
    (``max_batch_tokens``) has room for (a chunk of) their prompt.
 
-KV memory is a fixed pool of ``max_batch_size`` slots, each holding
-``max_model_len`` tokens. A slot is taken at admission and given back when the
-request finishes or is aborted, so admission never fails for lack of memory
-half-way through a request and nothing is ever preempted.
+KV memory is a pool of fixed-size blocks (``block_manager.py``). A request
+takes blocks as its tokens are computed and gives them back when it finishes or
+is aborted. At admission, the full blocks at the start of its prompt that are
+already in the prefix cache are shared instead of computed. ``max_batch_size``
+bounds the running requests (each holds one *slot*, the runner's row for its
+sampling state); the blocks bound their tokens.
+
+Preemption: when a running request needs a block and none is free, the
+running request that matters least (highest priority number, then the newest)
+is preempted by recompute: its blocks are released (its full blocks stay in the
+prefix cache), and it goes back to the front of its queue; when admitted again
+it recomputes prompt + output so far (mostly prefix-cache hits) and continues.
+A new request is admitted only if its first chunk fits in the free blocks
+without preempting anybody.
 """
 
 from __future__ import annotations
@@ -31,7 +41,10 @@ from dataclasses import dataclass, field
 
 from ..errors import QueueFullError
 from .api import FinishReason, GenerationRequest, SamplingParams
+from .block_manager import BlockManager
 from .config import BatchingConfig
+
+DEFAULT_BLOCK_SIZE = 16
 
 
 @dataclass(slots=True)
@@ -45,13 +58,31 @@ class RequestState:
     arrival_time: float  # time.monotonic() at intake
     eos_token_ids: frozenset[int]  # empty when params.ignore_eos
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose K/V are in the slot's cache
-    slot: int = -1  # KV slot while running, -1 otherwise
+    num_computed_tokens: int = 0  # tokens whose K/V are in the request's blocks
+    slot: int = -1  # the runner's row for this request while running, -1 otherwise
     finish_reason: FinishReason | None = None
+    block_table: list[int] = field(default_factory=list)  # KV blocks, in token order
+    num_blocks_sent: int = 0  # entries of block_table the runner has been given
+    num_cached_tokens: int = 0  # tokens of full blocks registered with the prefix cache
+    num_preemptions: int = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens to compute before decoding: the prompt, or after a preemption every
+        token but the last sampled one (which the next decode step feeds)."""
+        if self.output_token_ids:
+            return self.num_tokens - 1
+        return len(self.prompt_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        n_prompt = len(self.prompt_token_ids)
+        if end <= n_prompt:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
 
 
 @dataclass(slots=True)
@@ -59,7 +90,7 @@ class ScheduledSeq:
     """One request's share of a step: a prompt chunk, or the last sampled token."""
 
     request_id: str
-    slot: int  # KV slot: the runner writes K/V at [slot, start_pos : start_pos + len(token_ids)]
+    slot: int  # the request's row: its sampling state and block table live there in the runner
     token_ids: list[int]  # the tokens fed to the model this step
     start_pos: int  # position of token_ids[0] in the sequence (= tokens already cached)
     sample: bool  # True: sample the next token after this chunk (decode, or last prefill chunk)
@@ -69,6 +100,12 @@ class ScheduledSeq:
     # False: the last sampled token (decode). Set by the scheduler; the runner
     # must not infer it from len(token_ids), which is 1 for both.
     is_prefill: bool = False
+    # Blocks appended to this request's block table since its previous step (all
+    # of them when is_new). The runner keeps each slot's table.
+    new_blocks: list[int] = field(default_factory=list)
+    # When is_new: the tokens before start_pos, already in the KV cache (prefix
+    # hits); the runner's repetition penalty must count them as seen.
+    cached_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -105,7 +142,7 @@ class RequestOutput:
 
 
 class Scheduler:
-    """Continuous batching over a fixed pool of KV slots.
+    """Continuous batching over a pool of KV blocks and ``max_batch_size`` slots.
 
     Not thread-safe: the engine serialises access with its own lock.
     """
@@ -115,11 +152,17 @@ class Scheduler:
         config: BatchingConfig,
         max_model_len: int,
         *,
+        blocks: BlockManager | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.max_model_len = max_model_len
         self.num_slots = config.max_batch_size
+        if blocks is None:
+            # As many tokens as one full-length request per slot, and the scratch block.
+            per_slot = -(-max_model_len // DEFAULT_BLOCK_SIZE)
+            blocks = BlockManager(self.num_slots * per_slot + 1, DEFAULT_BLOCK_SIZE)
+        self.blocks = blocks
         self._clock = clock
         # One FIFO per priority level; index 0 is the most urgent.
         self._waiting: list[deque[RequestState]] = [deque() for _ in range(config.priority_levels)]
@@ -129,6 +172,7 @@ class Scheduler:
         self._free_slots: list[int] = list(range(self.num_slots))  # a min-heap: lowest slot first
         self._freed_since_step: list[int] = []
         self._step_id = 0
+        self.num_preemptions = 0
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -176,16 +220,29 @@ class Scheduler:
         state.finish_reason = reason
         if state.slot >= 0:
             del self._running[request_id]
-            self._release_slot(state)
+            self._release(state)
         else:
             self._waiting[state.priority].remove(state)
             self._num_waiting -= 1
         return state
 
-    def _release_slot(self, state: RequestState) -> None:
+    def _release(self, state: RequestState) -> None:
         heapq.heappush(self._free_slots, state.slot)
         self._freed_since_step.append(state.slot)
         state.slot = -1
+        self.blocks.free(state.block_table)
+        state.num_blocks_sent = 0
+        state.num_cached_tokens = 0
+
+    def _preempt(self, state: RequestState) -> None:
+        """Back to the front of its queue; its K/V will be recomputed (see the module doc)."""
+        del self._running[state.request_id]
+        self._release(state)
+        state.num_computed_tokens = 0
+        state.num_preemptions += 1
+        self.num_preemptions += 1
+        self._waiting[state.priority].appendleft(state)
+        self._num_waiting += 1
 
     # -- the step ----------------------------------------------------------------------------
 
@@ -195,35 +252,51 @@ class Scheduler:
         decodes: list[ScheduledSeq] = []
         prefills: list[ScheduledSeq] = []
 
-        # 1 and 2: running requests, in admission order.
-        for state in self._running.values():
+        # Most important first; preemption victims are taken from the end.
+        order = sorted(self._running.values(), key=_importance)
+        scheduled: set[str] = set()
+
+        # 1: decodes.
+        for state in order:
             if budget <= 0:
                 break
-            n_prompt = len(state.prompt_token_ids)
-            if state.num_computed_tokens >= n_prompt:
-                # Decode: feed the last sampled token.
-                decodes.append(
-                    ScheduledSeq(
-                        request_id=state.request_id,
-                        slot=state.slot,
-                        token_ids=[state.output_token_ids[-1]],
-                        start_pos=state.num_tokens - 1,
-                        sample=True,
-                        is_new=False,
-                        params=state.params,
-                        is_prefill=False,
-                    )
+            if state.slot < 0 or not state.output_token_ids:
+                continue
+            if state.num_computed_tokens < state.prefill_target:
+                continue
+            if not self._grow(state, state.num_tokens, order, scheduled):
+                continue  # preempted itself
+            decodes.append(
+                ScheduledSeq(
+                    request_id=state.request_id,
+                    slot=state.slot,
+                    token_ids=[state.output_token_ids[-1]],
+                    start_pos=state.num_tokens - 1,
+                    sample=True,
+                    is_new=False,
+                    params=state.params,
+                    is_prefill=False,
+                    new_blocks=self._new_blocks(state),
                 )
-                budget -= 1
-        for state in self._running.values():
+            )
+            scheduled.add(state.request_id)
+            budget -= 1
+
+        # 2: prefill chunks of running requests.
+        for state in order:
             if budget <= 0:
                 break
-            if state.num_computed_tokens < len(state.prompt_token_ids):
-                seq = self._prefill_chunk(state, budget, is_new=False)
-                if seq is None:
-                    break
-                prefills.append(seq)
-                budget -= len(seq.token_ids)
+            if state.slot < 0 or state.num_computed_tokens >= state.prefill_target:
+                continue
+            seq = self._prefill_chunk(state, budget, is_new=False)
+            if seq is None:
+                break
+            if not self._grow(state, seq.start_pos + len(seq.token_ids), order, scheduled):
+                continue
+            seq.new_blocks = self._new_blocks(state)
+            prefills.append(seq)
+            scheduled.add(state.request_id)
+            budget -= len(seq.token_ids)
 
         # 3: admissions.
         wait_s: float | None = None
@@ -245,6 +318,33 @@ class Scheduler:
             wait_s=wait_s if not seqs else None,
         )
 
+    def _grow(
+        self, state: RequestState, num_tokens: int, order: list[RequestState], scheduled: set[str]
+    ) -> bool:
+        """Blocks for ``num_tokens``, preempting the least important unscheduled requests.
+
+        Returns False if ``state`` itself had to be preempted.
+        """
+        while not self.blocks.allocate(state.block_table, num_tokens):
+            victim = next(
+                (
+                    v
+                    for v in reversed(order)
+                    if v.slot >= 0 and v.request_id not in scheduled and v is not state
+                ),
+                None,
+            )
+            if victim is None or _importance(victim) < _importance(state):
+                self._preempt(state)
+                return False
+            self._preempt(victim)
+        return True
+
+    def _new_blocks(self, state: RequestState) -> list[int]:
+        new = state.block_table[state.num_blocks_sent :]
+        state.num_blocks_sent = len(state.block_table)
+        return new
+
     def _queue_delay_remaining(self, *, idle: bool) -> float | None:
         """Seconds the idle batch should still wait for company, or None to admit now.
 
@@ -262,13 +362,25 @@ class Scheduler:
         for queue in self._waiting:
             while queue and self._free_slots and budget > 0:
                 state = queue[0]
+                target = state.prefill_target
+                hit = self.blocks.match_prefix(state.token_ids(0, target), state.block_table)
+                state.num_computed_tokens = hit
+                state.num_cached_tokens = hit
                 seq = self._prefill_chunk(state, budget, is_new=True)
-                if seq is None:
-                    return budget  # head of line does not fit: keep the order, stop admitting
+                if seq is None or not self.blocks.allocate(
+                    state.block_table, seq.start_pos + len(seq.token_ids)
+                ):
+                    # Head of line does not fit: keep the order, stop admitting.
+                    self.blocks.free(state.block_table)
+                    state.num_computed_tokens = state.num_cached_tokens = 0
+                    return budget
                 queue.popleft()
                 self._num_waiting -= 1
                 state.slot = heapq.heappop(self._free_slots)
                 seq.slot = state.slot
+                seq.new_blocks = self._new_blocks(state)
+                if hit:
+                    seq.cached_token_ids = state.token_ids(0, hit)
                 self._running[state.request_id] = state
                 prefills.append(seq)
                 budget -= len(seq.token_ids)
@@ -280,7 +392,8 @@ class Scheduler:
         self, state: RequestState, budget: int, *, is_new: bool
     ) -> ScheduledSeq | None:
         start = state.num_computed_tokens
-        remaining = len(state.prompt_token_ids) - start
+        target = state.prefill_target
+        remaining = target - start
         if remaining > budget:
             # Without chunking a prompt must fit in one step; a prompt longer than the
             # whole budget still runs, alone, when the budget is untouched.
@@ -292,9 +405,11 @@ class Scheduler:
         return ScheduledSeq(
             request_id=state.request_id,
             slot=state.slot,
-            token_ids=state.prompt_token_ids[start : start + n],
+            token_ids=state.token_ids(start, start + n),
             start_pos=start,
-            sample=start + n == len(state.prompt_token_ids),
+            # After a preemption the last chunk samples nothing: the next decode
+            # feeds the last token sampled before it.
+            sample=start + n == target and not state.output_token_ids,
             is_new=is_new,
             params=state.params,
             is_prefill=True,
@@ -304,12 +419,20 @@ class Scheduler:
         """Apply the runner's sampled tokens; finish requests on EOS or length."""
         outputs: list[RequestOutput] = []
         sampled = iter(result.sampled_token_ids)
+        bs = self.blocks.block_size
         for seq in scheduled.seqs:
             token = next(sampled) if seq.sample else -1
             state = self._running.get(seq.request_id)
             if state is None or state.slot != seq.slot:
-                continue  # aborted while the step ran: its result is dropped
+                continue  # aborted or preempted while the step ran: its result is dropped
             state.num_computed_tokens = seq.start_pos + len(seq.token_ids)
+            if state.num_computed_tokens // bs > state.num_cached_tokens // bs:
+                state.num_cached_tokens = self.blocks.cache_full_blocks(
+                    state.token_ids(0, state.num_computed_tokens),
+                    state.block_table,
+                    state.num_cached_tokens,
+                    state.num_computed_tokens,
+                )
             if not seq.sample:
                 continue
             state.output_token_ids.append(token)
@@ -358,5 +481,10 @@ class Scheduler:
         return list(self._requests)
 
     def kv_usage(self) -> float:
-        """Used KV slots / capacity, 0..1."""
-        return 1.0 - len(self._free_slots) / self.num_slots
+        """KV blocks held by requests / usable blocks, 0..1."""
+        return self.blocks.usage()
+
+
+def _importance(state: RequestState) -> tuple[int, float]:
+    """Sort key: most important first (lowest priority number, then the oldest)."""
+    return (state.priority, state.arrival_time)

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from autoglm_server.engine.api import GenerationRequest, SamplingParams  # noqa: E402
+from autoglm_server.engine.block_manager import BlockManager  # noqa: E402
 from autoglm_server.engine.config import BatchingConfig  # noqa: E402
 from autoglm_server.engine.runner import ModelRunner  # noqa: E402
 from autoglm_server.engine.scheduler import (  # noqa: E402
@@ -39,6 +40,24 @@ def make_runner(model_dir: Path, num_slots: int = 8, max_len: int = 128) -> Mode
     return ModelRunner(
         load(model_dir), num_slots=num_slots, max_model_len=max_len, device=torch.device("cpu")
     )
+
+
+_BLOCKS: dict[int, tuple[BlockManager, dict[int, list[int]]]] = {}
+
+
+def execute(runner: ModelRunner, step: SchedulerOutput) -> RunnerOutput:
+    """runner.execute with KV blocks assigned the way the scheduler would (no prefix cache)."""
+    manager, tables = _BLOCKS.setdefault(
+        id(runner), (BlockManager(runner.num_blocks, runner.block_size, prefix_caching=False), {})
+    )
+    for seq in step.seqs:
+        table = tables.setdefault(seq.slot, [])
+        if seq.is_new:
+            manager.free(table)
+        before = len(table)
+        assert manager.allocate(table, seq.start_pos + len(seq.token_ids))
+        seq.new_blocks = table[before:]
+    return runner.execute(step)
 
 
 def capture_logits(runner: ModelRunner) -> list[Any]:
@@ -87,7 +106,7 @@ def run_greedy(
             )
             first[i] = False
             pending[i] = end
-        out = runner.execute(SchedulerOutput(1, seqs, 0, []))
+        out = execute(runner, SchedulerOutput(1, seqs, 0, []))
         it = iter(out.sampled_token_ids)
         for seq in seqs:
             if seq.sample:
@@ -105,7 +124,7 @@ def run_greedy(
             )
             for i, p in enumerate(prompts)
         ]
-        out = runner.execute(SchedulerOutput(2, seqs, len(seqs), []))
+        out = execute(runner, SchedulerOutput(2, seqs, len(seqs), []))
         for i, tok in enumerate(out.sampled_token_ids):
             outputs[i].append(tok)
     return outputs
@@ -163,7 +182,7 @@ def sample_run(
         ScheduledSeq(str(i), slots[i], prompts[i], 0, True, True, p, is_prefill=True)
         for i, p in enumerate(params_list)
     ]
-    out: RunnerOutput = runner.execute(SchedulerOutput(1, seqs, 0, []))
+    out: RunnerOutput = execute(runner, SchedulerOutput(1, seqs, 0, []))
     outputs = [[t] for t in out.sampled_token_ids]
     for _ in range(steps):
         seqs = [
@@ -178,7 +197,7 @@ def sample_run(
             )
             for i, p in enumerate(params_list)
         ]
-        out = runner.execute(SchedulerOutput(2, seqs, 0, []))
+        out = execute(runner, SchedulerOutput(2, seqs, 0, []))
         for i, t in enumerate(out.sampled_token_ids):
             outputs[i].append(t)
     return outputs
@@ -279,6 +298,7 @@ def test_unsupported_attention_fails_with_a_clear_error(tiny_model_dir: Path) ->
 def test_kv_cache_is_allocated_once(tiny_model_dir: Path) -> None:
     runner = make_runner(tiny_model_dir, num_slots=4, max_len=64)
     ptr = runner.k_cache.data_ptr()
-    assert tuple(runner.k_cache.shape) == (2, 4, 2, 64 + 1, 16)  # + the scratch column
+    # 4 slots x 64 tokens in blocks of 16, and the scratch block.
+    assert tuple(runner.k_cache.shape) == (2, (4 * 4 + 1) * 16, 2, 16)
     run_greedy(runner, PROMPTS[:3], steps=3)
     assert runner.k_cache.data_ptr() == ptr

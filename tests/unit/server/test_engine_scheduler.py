@@ -219,7 +219,8 @@ def test_abort_between_steps_frees_the_slot_for_the_next_request() -> None:
     sched.add_request(make_request("b", max_new=100), [EOS])
     out, _ = step(sched, runner)
     assert [s.request_id for s in out.seqs] == ["a"]
-    assert sched.kv_usage() == 1.0
+    # KV usage counts blocks: a's 4 tokens hold 1 of the 4 blocks of its slot's share.
+    assert sched.num_free_slots == 0 and sched.kv_usage() == 0.25
     aborted = sched.abort_request("a")
     assert aborted is not None and aborted.finish_reason is FinishReason.ABORT
     assert sched.num_running == 0 and sched.kv_usage() == 0.0
