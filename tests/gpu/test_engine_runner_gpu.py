@@ -1,10 +1,13 @@
-"""The runner on a CUDA device: CUDA-graph decode equals eager decode and HF's generate.
+"""The fast path on a CUDA device against the portable path and HF's generate.
 
+Fast path: Triton paged decode + flash varlen prefill, torch.compile of the
+decoder, decode CUDA graphs. Portable path: plain torch attention, eager.
 Run on the GPU machine only: ``pytest -m gpu tests/gpu``.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,93 +21,227 @@ if not torch.cuda.is_available():
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from autoglm_server.engine.api import SamplingParams  # noqa: E402
+from autoglm_server.engine.api import GenerationRequest, SamplingParams  # noqa: E402
+from autoglm_server.engine.attention import (  # noqa: E402
+    PortableBackend,
+    PrefillChunk,
+    StepAttention,
+    StepContext,
+    TritonBackend,
+)
+from autoglm_server.engine.block_manager import BlockManager  # noqa: E402
+from autoglm_server.engine.config import BatchingConfig  # noqa: E402
 from autoglm_server.engine.runner import ModelRunner  # noqa: E402
-from autoglm_server.engine.scheduler import ScheduledSeq, SchedulerOutput  # noqa: E402
+from autoglm_server.engine.scheduler import Scheduler  # noqa: E402
+from autoglm_server.engine.triton_attention import paged_decode  # noqa: E402
 from autoglm_server.testing import build_tiny_model  # noqa: E402
 
-GREEDY = SamplingParams(temperature=0.0)
-PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], list(range(20, 45)), [40]]
-SLOTS = [6, 1, 3, 0]  # sparse on purpose: idle graph rows in between
+CUDA = torch.device("cuda")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+@pytest.fixture(scope="module", params=["glm4", "llama"])
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp(f"tiny-{request.param}"), arch=request.param)
 
 
 def load(model_dir: Path, dtype: Any) -> Any:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda").eval()
 
 
-def greedy(runner: ModelRunner, steps: int) -> list[list[int]]:
-    seqs = [ScheduledSeq(str(i), SLOTS[i], p, 0, True, True, GREEDY) for i, p in enumerate(PROMPTS)]
-    first = runner.execute(SchedulerOutput(1, seqs, 0, [])).sampled_token_ids
-    toks = [[*p, t] for p, t in zip(PROMPTS, first, strict=True)]
-    for _ in range(steps):
-        seqs = [
-            ScheduledSeq(str(i), SLOTS[i], [toks[i][-1]], len(toks[i]) - 1, True, False, GREEDY)
-            for i in range(len(PROMPTS))
-        ]
-        for i, t in enumerate(runner.execute(SchedulerOutput(2, seqs, 0, [])).sampled_token_ids):
-            toks[i].append(t)
-    return toks
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_graph_decode_matches_hf_generate(model_dir: Path, dtype: str) -> None:
-    torch_dtype = getattr(torch, dtype)
+def make_runner(model_dir: Path, *, fast: bool, dtype: Any = torch.float32) -> ModelRunner:
     runner = ModelRunner(
-        load(model_dir, torch_dtype), num_slots=8, max_model_len=300, device=torch.device("cuda")
+        load(model_dir, dtype),
+        num_slots=8,
+        max_model_len=512,
+        device=CUDA,
+        num_blocks=8 * 32 + 1,
+        attention_backend="triton" if fast else "portable",
+        compile=fast,
+        cuda_graphs=fast,
     )
     runner.warmup()
-    got = greedy(runner, steps=12)
-    assert runner._graphs, "decode steps did not use a CUDA graph"
-    reference = load(model_dir, torch_dtype)
-    for i, prompt in enumerate(PROMPTS):
-        expected = reference.generate(
-            torch.tensor([prompt], device="cuda"),
-            max_new_tokens=13,
-            do_sample=False,
-            eos_token_id=None,
-        )[0].tolist()
-        assert got[i] == expected
+    return runner
 
 
-def test_graph_and_eager_decode_agree(model_dir: Path) -> None:
-    graphs = ModelRunner(
-        load(model_dir, torch.float32), num_slots=8, max_model_len=300, device=torch.device("cuda")
+def drive(
+    runner: ModelRunner,
+    prompts: list[list[int]],
+    max_new: int,
+    *,
+    budget: int = 8192,
+    num_blocks: int | None = None,
+    max_batch: int = 8,
+) -> tuple[dict[str, list[int]], Scheduler]:
+    """Greedy generation through the real scheduler (prefix cache on)."""
+    blocks = BlockManager(num_blocks or runner.num_blocks, runner.block_size)
+    config = BatchingConfig(max_batch_size=max_batch, max_batch_tokens=budget)
+    sched = Scheduler(config, runner.max_model_len, blocks=blocks)
+    params = SamplingParams(max_new_tokens=max_new, temperature=0.0, ignore_eos=True)
+    outputs: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        sched.add_request(GenerationRequest(str(i), prompt, params, arrival_time=1.0 + i))
+        outputs[str(i)] = []
+    while sched.has_unfinished():
+        step = sched.schedule()
+        result = runner.execute(step)
+        for out in sched.update(step, result):
+            outputs[out.request_id] += out.new_token_ids
+    return outputs, sched
+
+
+SHARED = list(range(100, 148))  # 3 full blocks of 16
+PROMPTS = [
+    [5, 6, 7, 8, 9, 10],
+    [*SHARED, 1, 2, 3],
+    list(range(20, 45)),
+    [*SHARED, 4, 5],
+    [40],
+    SHARED + list(range(200, 230)),
+]
+
+
+def test_fast_path_greedy_equals_portable(model_dir: Path) -> None:
+    """Batched, unbatched, chunked prefill, prefix hits and preemption: the same tokens."""
+    fast = make_runner(model_dir, fast=True)
+    portable = make_runner(model_dir, fast=False)
+    assert fast.graphs.graphs, "no decode graph was captured"
+    expected, _ = drive(portable, PROMPTS, 40, max_batch=1)  # one at a time, no prefix hits
+    batched, sched = drive(fast, PROMPTS, 40)
+    assert batched == expected
+    assert sched.blocks.stats.hit_tokens > 0
+    # Chunks of 7 tokens; a pool of 9 blocks forces preemption by recompute.
+    squeezed, sched = drive(fast, PROMPTS, 40, budget=8, num_blocks=10)
+    assert sched.num_preemptions > 0
+    assert squeezed == expected
+    portable_squeezed, _ = drive(portable, PROMPTS, 40, budget=8, num_blocks=10)
+    assert portable_squeezed == expected
+
+
+def test_paged_decode_kernel_matches_reference() -> None:
+    torch.manual_seed(0)
+    bs, kvh, heads, d = 16, 2, 32, 128
+    lens = [1, 17, 640, 0, 3000, 64]
+    nblocks = sum(-(-n // bs) for n in lens) + 1
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
+        k = torch.randn(nblocks * bs, kvh, d, device=CUDA, dtype=dtype)
+        v = torch.randn_like(k)
+        table = torch.zeros(8, 200, dtype=torch.int32, device=CUDA)
+        perm = (torch.randperm(nblocks - 1) + 1).tolist()
+        row_slots = [5, 0, 7, 2, 1, 3]
+        for slot, n in zip(row_slots, lens, strict=True):
+            nb = -(-n // bs)
+            table[slot, :nb] = torch.tensor(perm[:nb], dtype=torch.int32)
+            perm = perm[nb:]
+        q = torch.randn(len(lens), heads, d, device=CUDA, dtype=dtype)
+        for splits in (1, 8, 64):
+            out = paged_decode(
+                q,
+                k,
+                v,
+                table,
+                torch.tensor(row_slots, device=CUDA),
+                torch.tensor(lens, dtype=torch.int32, device=CUDA),
+                block_size=bs,
+                scale=1 / math.sqrt(d),
+                num_splits=splits,
+            )
+            for r, (slot, n) in enumerate(zip(row_slots, lens, strict=True)):
+                if n == 0:
+                    assert out[r].abs().max().item() == 0
+                    continue
+                pos = torch.arange(n, device=CUDA)
+                rows = table[slot, pos // bs].long() * bs + pos % bs
+                kk = k[rows].double().repeat_interleave(heads // kvh, dim=1)
+                vv = v[rows].double().repeat_interleave(heads // kvh, dim=1)
+                s = torch.einsum("hd,thd->ht", q[r].double(), kk) / math.sqrt(d)
+                ref = torch.einsum("ht,thd->hd", s.softmax(-1), vv)
+                err = (out[r].double() - ref).norm() / ref.norm()
+                assert err < tol, (dtype, splits, r, err)
+
+
+def test_flash_prefill_with_prefix_matches_portable() -> None:
+    torch.manual_seed(1)
+    bs, kvh, heads, d = 16, 8, 32, 128
+    dtype = torch.bfloat16
+    nblocks = 64
+    k_cache = torch.randn(nblocks * bs, kvh, d, device=CUDA, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    table = torch.zeros(4, 32, dtype=torch.int32, device=CUDA)
+    table[0, :20] = torch.arange(1, 21, dtype=torch.int32)
+    table[1, :20] = torch.arange(40, 20, -1, dtype=torch.int32)
+    # chunk 0: slot 0, 100 cached + 37 new; chunk 1: slot 1, fresh 50 tokens
+    chunks = [PrefillChunk(0, 37, 0, 100), PrefillChunk(37, 87, 1, 0)]
+    rows = []
+    for c in chunks:
+        end = c.start_pos + c.tok_end - c.tok_start
+        pos = torch.arange(end, device=CUDA)
+        rows.append(table[c.slot, pos // bs].long() * bs + pos % bs)
+    ctx_index = torch.cat(rows)
+    T = 87
+    q = torch.randn(T, heads, d, device=CUDA, dtype=dtype)
+    new_rows = torch.cat([rows[0][100:], rows[1]])
+    k_new = k_cache[new_rows]
+    v_new = v_cache[new_rows]
+    step = StepAttention(
+        slot_mapping=new_rows,
+        num_decode=0,
+        decode_row_slots=torch.zeros(0, dtype=torch.int64, device=CUDA),
+        decode_seq_lens=torch.zeros(0, dtype=torch.int32, device=CUDA),
+        decode_max_len=0,
+        num_splits=1,
+        prefills=chunks,
+        cu_seqlens_q=torch.tensor([0, 37, 87], dtype=torch.int32, device=CUDA),
+        cu_seqlens_k=torch.tensor([0, 137, 187], dtype=torch.int32, device=CUDA),
+        max_q=50,
+        max_k=137,
+        ctx_index=ctx_index,
     )
-    eager = ModelRunner(
-        load(model_dir, torch.float32),
-        num_slots=8,
-        max_model_len=300,
-        device=torch.device("cuda"),
-        cuda_graphs=False,
-    )
-    # 280 steps crosses the 256-token kv bucket boundary.
-    assert greedy(graphs, steps=260) == greedy(eager, steps=260)
-    assert {kv for _, kv in graphs._graphs} == {256, 300}
+    ctx = StepContext(k_cache[None], v_cache[None], table, bs, PortableBackend(), step)
+    scale = 1 / math.sqrt(d)
+    ref = PortableBackend().prefill(q, k_new, v_new, k_cache, v_cache, ctx, scale)
+    got = TritonBackend().prefill(q, k_new, v_new, k_cache, v_cache, ctx, scale)
+    err = (got.float() - ref.float()).norm() / ref.float().norm()
+    assert err < 1e-2, err
+
+
+def test_compiled_bf16_logits_close_to_fp32_reference(model_dir: Path) -> None:
+    fast = make_runner(model_dir, fast=True, dtype=torch.bfloat16)
+    seen: list[Any] = []
+    original = fast._sample
+
+    def spy(logits: Any, rows: Any, slots: Any) -> Any:
+        seen.append(logits.clone())
+        return original(logits, rows, slots)
+
+    fast._sample = spy  # type: ignore[method-assign]
+    outputs, _ = drive(fast, PROMPTS[:3], 4)
+    reference = load(model_dir, torch.float32)
+    with torch.no_grad():
+        for i, prompt in enumerate(PROMPTS[:3]):
+            ids = torch.tensor([prompt + outputs[str(i)][:-1]], device=CUDA)
+            ref = reference(ids).logits[0, -1]
+            got = seen[-1][i]
+            err = (got - ref).norm() / ref.norm()
+            assert err < 3e-2, err
 
 
 def test_engine_on_cuda_end_to_end(model_dir: Path) -> None:
-    """Loader (dtype auto -> bf16 on GPU), warm-up with graph capture, concurrent streams."""
+    """Engine with defaults on CUDA (fast path), float32, against HF generate."""
     import asyncio
 
-    from autoglm_server.engine.api import GenerationRequest
-    from autoglm_server.engine.config import BatchingConfig, EngineConfig
+    from autoglm_server.engine.config import EngineConfig
     from autoglm_server.engine.engine import build_engine
 
     async def main() -> list[list[int]]:
         cfg = EngineConfig(
             model=str(model_dir),
             device="cuda",
+            dtype="float32",
             max_model_len=256,
             batching=BatchingConfig(max_batch_size=8),
         )
         engine = build_engine(cfg)
         await engine.start()
-        assert engine.model_info.dtype == "bfloat16"
         params = SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
 
         async def one(i: int) -> list[int]:
@@ -116,7 +253,7 @@ def test_engine_on_cuda_end_to_end(model_dir: Path) -> None:
         return list(outs)
 
     outs = asyncio.run(main())
-    reference = load(model_dir, torch.bfloat16)
+    reference = load(model_dir, torch.float32)
     for prompt, got in zip(PROMPTS, outs, strict=True):
         expected = reference.generate(
             torch.tensor([prompt], device="cuda"),
