@@ -12,13 +12,16 @@ Nothing here imports torch: ``--help`` and argument errors are instant.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
+import re
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 ENV_PREFIX = "AUTOGLM_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -78,6 +81,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("priority-levels", int, 1, "number of priorities, 0 the most urgent", "batching"),
     Flag("chunked-prefill", parse_bool, True, "split long prompts across steps", "batching"),
     Flag("shutdown-grace-seconds", float, 30.0, "drain time after SIGTERM", "serve"),
+    Flag("chat-template", str, None, "Jinja chat template file; replaces the tokenizer's own", "serve"),
+    Flag("tool-call-parser", str, None, "tool-call format: glm4 or llama3_json (default: from the chat template)", "serve"),
     Flag("log-format", str, "plain", "log line format", "log", ("plain", "json")),
     Flag("log-level", str, "info", "log level", "log", ("debug", "info", "warning", "error")),
 )  # fmt: skip
@@ -137,10 +142,31 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         http_port=serve["http_port"],
         metrics_port=serve["metrics_port"],
         shutdown_grace_s=serve["shutdown_grace_seconds"],
+        chat_template=_chat_template(serve["chat_template"]),
+        tool_call_parser=_tool_call_parser(serve["tool_call_parser"]),
     )
     if options.shutdown_grace_s < 0:
         raise ValueError("shutdown_grace_seconds: must be >= 0")
     return engine, options
+
+
+def _chat_template(path: str | None) -> str | None:
+    """The template text of --chat-template (read once, at start-up)."""
+    if not path:
+        return None
+    from autoglm_server.frontends.chat import read_template
+
+    return read_template(path)
+
+
+def _tool_call_parser(name: str | None) -> str | None:
+    if not name:
+        return None
+    from autoglm_server.frontends.tools import PARSERS
+
+    if name not in PARSERS:
+        raise ValueError(f"tool_call_parser: must be one of {', '.join(sorted(PARSERS))}")
+    return name
 
 
 class JsonFormatter(logging.Formatter):
@@ -158,10 +184,63 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+class JsonStderr(io.TextIOBase):
+    """``sys.stderr`` under ``--log-format json``: every line written becomes a JSON record.
+
+    Libraries write to stderr behind logging's back: transformers' own handler
+    (created at its import, on whatever ``sys.stderr`` is then), tqdm progress
+    bars, ``print(file=sys.stderr)``. Each such line (``\r`` ends a progress
+    bar's line too) is wrapped as ``{"level": "warning", "logger": "stderr"}``,
+    so a log pipeline never sees a plain-text line.
+    """
+
+    def __init__(self, target: TextIO) -> None:
+        self._target = target
+        self._buffer = ""
+
+    def write(self, text: str) -> int:
+        self._buffer += text
+        *lines, self._buffer = re.split(r"[\r\n]", self._buffer)
+        for line in lines:
+            if line.strip():
+                self._emit(line)
+        return len(text)
+
+    def _emit(self, line: str) -> None:
+        record = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "level": "warning",
+            "logger": "stderr",
+            "msg": line.rstrip(),
+        }
+        self._target.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._target.flush()
+
+    def flush(self) -> None:
+        self._target.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self._target.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+
 def configure_logging(fmt: str, level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
+        # Progress bars are for terminals; library warnings go through logging.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its fork warning is Rust's
+        logging.captureWarnings(True)
+        if not isinstance(sys.stderr, JsonStderr):
+            sys.stderr = JsonStderr(sys.stderr)
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

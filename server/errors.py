@@ -23,6 +23,17 @@ class InvalidRequestError(AutoGLMError):
         self.field = field
 
 
+class ModelNotFoundError(AutoGLMError):
+    """The request names a model this server does not serve."""
+
+    grpc_code = "NOT_FOUND"
+    http_status = 404
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"model {model!r} does not exist")
+        self.model = model
+
+
 class QueueFullError(AutoGLMError):
     """Back-pressure: the waiting queue is full."""
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,15 +26,17 @@ from autoglm_server.engine.api import (
     FinishReason,
     GenerationDelta,
     GenerationRequest,
+    TokenLogprob,
     Usage,
 )
+from autoglm_server.engine.grammar import GrammarCompiler
 from autoglm_server.errors import (
     AutoGLMError,
     DeadlineExceededError,
-    InvalidRequestError,
     UnavailableError,
 )
 from autoglm_server.errors import CancelledError as RequestCancelledError
+from autoglm_server.frontends.chat import ChatRenderer
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +63,15 @@ class ServerState:
         self._idle.set()
         self._listeners: list[Callable[[Phase], None]] = []
         self.engine: AsyncEngine | None = None
-        # Counts requests refused by a front end (see record_rejection).
+        # Counts requests a front end ended before the engine saw them (see record_rejection).
         self.on_rejected: Callable[[str], None] | None = None
+        # --chat-template: a template that replaces the tokenizer's own.
+        self.chat_template: str | None = None
+        # --tool-call-parser: None picks one from the chat template.
+        self.tool_parser: str | None = None
+        self._chat: tuple[object, ChatRenderer] | None = None
+        self._grammars: tuple[object, GrammarCompiler] | None = None
+        self._grammar_lock = threading.Lock()
 
     @property
     def phase(self) -> Phase:
@@ -116,16 +126,35 @@ class ServerState:
                 self._idle.set()
 
     def record_rejection(self, exc: BaseException) -> None:
-        """Count a request the front end refused before the engine saw it.
+        """Count a request that ended with ``exc`` before the engine counted it.
 
-        The engine counts its own refusals and every request it admitted, so
-        only errors raised here (validation, not ready, draining) are
-        counted, and each request lands in ``autoglm_requests_total`` once.
+        The engine counts its own refusals and every request it admitted
+        (exceptions that passed through a :class:`GenerationStream` are marked
+        as counted); everything else that ends a request in a front end is
+        counted here: validation, not ready, unknown model, and internal
+        errors too, so an error-rate alert sees every outcome, once.
         """
         if self.on_rejected is None or getattr(exc, _FROM_ENGINE, False):
             return
-        if isinstance(exc, InvalidRequestError | UnavailableError):
-            self.on_rejected(exc.grpc_code)
+        self.on_rejected(outcome_code(exc))
+
+    def chat_renderer(self, engine: AsyncEngine) -> ChatRenderer:
+        """The chat renderer for ``engine`` (the override template, else the tokenizer's)."""
+        cached = self._chat
+        if cached is None or cached[0] is not engine:
+            cached = (engine, ChatRenderer(engine.tokenizer, self.chat_template))
+            self._chat = cached
+        return cached[1]
+
+    def grammar_compiler(self, engine: AsyncEngine) -> GrammarCompiler:
+        """The grammar compiler for ``engine``'s tokenizer (built on first use; slow: a thread)."""
+        with self._grammar_lock:
+            cached = self._grammars
+            if cached is None or cached[0] is not engine:
+                compiler = GrammarCompiler(engine.tokenizer, engine.model_info.vocab_size)
+                cached = (engine, compiler)
+                self._grammars = cached
+            return cached[1]
 
     async def wait_idle(self, limit_s: float) -> bool:
         """Wait until no admitted request is left; False if ``limit_s`` ran out first."""
@@ -209,6 +238,9 @@ class GenerationStream:
         passed = self._deadline_passed
         if code == RequestCancelledError.grpc_code and passed is not None and passed():
             code = DeadlineExceededError.grpc_code
+        if isinstance(exc, Exception):
+            # The engine counts this request (finished, or aborted with ``code``).
+            mark_counted(exc)
         await self.aclose(code)
 
     async def aclose(self, code: str = RequestCancelledError.grpc_code) -> None:
@@ -233,11 +265,26 @@ def abort_code(exc: BaseException | None) -> str:
     """The gRPC status name of a request that ends early because of ``exc``.
 
     Our named errors carry their own (a deadline is DEADLINE_EXCEEDED); a
-    client cancel, a disconnect or anything else counts as CANCELLED.
+    client cancel or a disconnect counts as CANCELLED, any other exception
+    as INTERNAL (the client gets a 500 / INTERNAL for it).
     """
+    if exc is None or isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return RequestCancelledError.grpc_code
+    return outcome_code(exc)
+
+
+def outcome_code(exc: BaseException) -> str:
+    """The status a request that failed with ``exc`` is counted under."""
     if isinstance(exc, AutoGLMError):
         return exc.grpc_code
-    return RequestCancelledError.grpc_code
+    if isinstance(exc, asyncio.CancelledError):
+        return RequestCancelledError.grpc_code
+    return "INTERNAL"
+
+
+def mark_counted(exc: BaseException) -> None:
+    """``exc`` ended a request the engine has already counted."""
+    setattr(exc, _FROM_ENGINE, True)
 
 
 @dataclass(slots=True)
@@ -249,6 +296,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 async def collect(stream: AsyncIterator[GenerationDelta], request_id: str) -> Completion:
@@ -258,6 +306,8 @@ async def collect(stream: AsyncIterator[GenerationDelta], request_id: str) -> Co
     async for delta in stream:
         parts.append(delta.text)
         out.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            out.logprobs = (out.logprobs or []) + delta.logprobs
         if delta.finish_reason is not None:
             out.finish_reason = delta.finish_reason
             out.usage = delta.usage

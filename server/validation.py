@@ -11,64 +11,33 @@ the request.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from autoglm_server.engine.api import SamplingParams
 from autoglm_server.errors import InvalidRequestError
 
-MAX_STOP_SEQUENCES = 16
-MAX_STOP_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 # Tokenizing is CPU work proportional to the text, so text is capped before it
 # reaches the tokenizer: no prompt that fits the context is longer than this
 # many characters per token of ``max_model_len`` (real text is about 4).
 MAX_PROMPT_CHARS_PER_TOKEN = 32
-SEED_MAX = 2**63  # exclusive; what every torch generator accepts
 ChatRole = Literal["system", "user", "assistant"]
+# The sampling fields of SamplingParams (grammar is built by a front end, not sent).
+_SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__) - {"grammar"}
 
 
-class GenerationParams(BaseModel):
-    """Sampling and scheduling knobs, with the limits every front end enforces.
+@dataclass(frozen=True, slots=True)
+class GenerationParams:
+    """Validated sampling settings plus the request's priority."""
 
-    Limits that depend on the loaded model (context length, priority levels)
-    are the engine's to check; it raises InvalidRequestError too.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=False)
-
-    max_new_tokens: int = Field(default=128, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    stop: tuple[str, ...] = Field(default=(), max_length=MAX_STOP_SEQUENCES)
-    seed: int | None = Field(default=None, ge=0, lt=SEED_MAX)
-    ignore_eos: bool = False
-    priority: int = Field(default=0, ge=0)
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for item in value:
-            if not item:
-                raise ValueError("stop sequences must not be empty")
-            if len(item) > MAX_STOP_CHARS:
-                raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
-        return value
+    sampling: SamplingParams
+    priority: int = 0
 
     def to_sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            stop=self.stop,
-            seed=self.seed,
-            ignore_eos=self.ignore_eos,
-        )
+        return self.sampling
 
 
 class ChatMessageIn(BaseModel):
@@ -114,21 +83,45 @@ def to_invalid_request(
 def validate_params(
     values: Mapping[str, Any], wire_names: Mapping[str, str] | None = None
 ) -> GenerationParams:
-    """Build GenerationParams from internal names; unset (None) values take the defaults."""
+    """Build GenerationParams from internal names; unset (None) values take the defaults.
+
+    The limits are :meth:`SamplingParams.validate`'s; errors are renamed to
+    the wire names in ``wire_names``.
+    """
+    names = wire_names or {}
     present = {k: v for k, v in values.items() if v is not None}
+    priority = present.pop("priority", 0)
+    unknown = set(present) - _SAMPLING_FIELDS
+    if unknown:
+        raise InvalidRequestError(sorted(unknown)[0], "is not a sampling parameter")
+    if "stop" in present:
+        present["stop"] = tuple(present["stop"])
+    params = SamplingParams(**present)
     try:
-        return GenerationParams.model_validate(present)
-    except ValidationError as exc:
-        raise to_invalid_request(exc, wire_names) from None
+        params.validate()
+        if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+            raise InvalidRequestError("priority", "must be an integer >= 0")
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(
+            names.get(exc.field, exc.field), str(exc).split(": ", 1)[-1]
+        ) from None
+    return GenerationParams(params, priority)
 
 
 def validate_sampling(params: SamplingParams) -> None:
-    """Check SamplingParams built without :class:`GenerationParams` (the engine's intake)."""
-    values = {name: getattr(params, name) for name in SamplingParams.__dataclass_fields__}
-    try:
-        GenerationParams.model_validate(values)
-    except ValidationError as exc:
-        raise to_invalid_request(exc) from None
+    """The engine's intake check: the same limits, internal names."""
+    params.validate()
+
+
+def check_room(prompt_tokens: int, max_model_len: int, field: str) -> int:
+    """Tokens left to generate after a prompt; InvalidRequestError naming ``field`` if none."""
+    if prompt_tokens >= max_model_len:
+        raise InvalidRequestError(
+            field,
+            f"{prompt_tokens} tokens leave no room to generate within the context limit "
+            f"of {max_model_len}",
+        )
+    return max_model_len - prompt_tokens
 
 
 def max_prompt_chars(max_model_len: int) -> int:
@@ -151,7 +144,7 @@ def validate_chat(
     except ValidationError as exc:
         raise to_invalid_request(exc, {"messages": field}) from None
     if max_chars is not None and sum(len(m.content) for m in chat.messages) > max_chars:
-        raise InvalidRequestError(field, _too_long(max_chars))
+        raise InvalidRequestError(field, too_long(max_chars))
     return [{"role": m.role, "content": m.content} for m in chat.messages]
 
 
@@ -169,11 +162,11 @@ def validate_prompt(prompt: str, field: str = "prompt", *, max_chars: int | None
     if not prompt:
         raise InvalidRequestError(field, "must not be empty")
     if max_chars is not None and len(prompt) > max_chars:
-        raise InvalidRequestError(field, _too_long(max_chars))
+        raise InvalidRequestError(field, too_long(max_chars))
     return prompt
 
 
-def _too_long(max_chars: int) -> str:
+def too_long(max_chars: int) -> str:
     return (
         f"must be at most {max_chars} characters "
         f"({MAX_PROMPT_CHARS_PER_TOKEN} per token of the context limit)"

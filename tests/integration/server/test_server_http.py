@@ -99,7 +99,7 @@ def test_openai_completions(oai: openai.OpenAI) -> None:
         ({"max_tokens": 0}, "max_tokens"),
         ({"temperature": -1}, "temperature"),
         ({"top_p": 2}, "top_p"),
-        ({"n": 3}, "n"),
+        ({"n": 17}, "n"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
     ],
 )

@@ -51,7 +51,7 @@ class FakeStream(AsyncIterator[GenerationDelta]):
         )
         if last:
             self._done = True
-            delta.finish_reason = FinishReason.LENGTH
+            delta.finish_reason = self._engine.finish_reason
             delta.usage = Usage(len(self._request.prompt_token_ids), n)
         return delta
 
@@ -59,6 +59,23 @@ class FakeStream(AsyncIterator[GenerationDelta]):
         if not self._done:
             self._done = True
             await self._engine.abort(self._request.request_id)
+
+
+class FakeTokenizer:
+    """Bytes as token ids; a chat template of ``<role>content`` turns."""
+
+    chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int], **kwargs: object) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, conversation: list[dict[str, str]], **kwargs: object) -> str:
+        if any(m["role"] == "boom" for m in conversation):
+            raise ValueError("the template refuses this")
+        return "".join(f"<{m['role']}>{m['content']}" for m in conversation) + "<assistant>"
 
 
 class FakeEngine:
@@ -70,10 +87,12 @@ class FakeEngine:
         self.ready = True
         self.admission_error: BaseException | None = None
         self.fail_mid_stream: BaseException | None = None
+        self.finish_reason = FinishReason.LENGTH  # how every request ends
         self.requests: list[GenerationRequest] = []
         self.aborted: list[str] = []
         self.abort_codes: dict[str, str] = {}  # request id -> the code it was aborted with
         self.running: set[str] = set()
+        self._tokenizer = FakeTokenizer()
         self.info = ModelInfo(
             name="fake",
             version="v1",
@@ -93,6 +112,10 @@ class FakeEngine:
 
     def tokenize(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    @property
+    def tokenizer(self) -> FakeTokenizer:
+        return self._tokenizer
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"

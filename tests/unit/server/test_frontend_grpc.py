@@ -205,7 +205,7 @@ async def test_validation_errors_name_the_proto_field(h: Harness) -> None:
 
 async def test_client_cancel_aborts_the_engine_request(h: Harness) -> None:
     h.engine.step_s = 0.02
-    call = h.stub.GenerateStream(pb.GenerateRequest(prompt="a", max_new_tokens=1000))
+    call = h.stub.GenerateStream(pb.GenerateRequest(prompt="a", max_new_tokens=60))
     await call.read()
     (req,) = h.engine.requests
     assert req.request_id in h.engine.running
@@ -220,7 +220,7 @@ async def test_deadline_is_deadline_exceeded_and_aborts(h: Harness) -> None:
     for call in (h.stub.Generate, h.stub.GenerateStream):
         h.engine.requests.clear()
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            result = call(pb.GenerateRequest(prompt="a", max_new_tokens=1000), timeout=0.3)
+            result = call(pb.GenerateRequest(prompt="a", max_new_tokens=60), timeout=0.3)
             if isinstance(result, grpc.aio.UnaryStreamCall):
                 async for _ in result:
                     pass
@@ -238,7 +238,7 @@ async def test_deadline_abort_is_counted_as_deadline_exceeded(h: Harness) -> Non
     for call in (h.stub.Generate, h.stub.GenerateStream):
         h.engine.requests.clear()
         with pytest.raises(grpc.aio.AioRpcError):
-            result = call(pb.GenerateRequest(prompt="a", max_new_tokens=1000), timeout=0.3)
+            result = call(pb.GenerateRequest(prompt="a", max_new_tokens=60), timeout=0.3)
             if isinstance(result, grpc.aio.UnaryStreamCall):
                 async for _ in result:
                     pass
@@ -476,3 +476,102 @@ async def test_v2_metadata_and_readiness(h: Harness) -> None:
     assert server.name == "autoglm"
     h.state.set_phase(Phase.DRAINING)
     assert not (await h.v2.ServerReady(v2.ServerReadyRequest())).ready
+
+
+# --------------------------------------------------------------------------- bad input (issue 9)
+
+
+def _raw_call(channel: grpc.aio.Channel, method: str) -> Any:
+    """A unary call that sends raw bytes, as a client with a broken encoder would."""
+    return channel.unary_unary(
+        method, request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: pb.GenerateRequest(prompt="XX"), "prompt"),
+        (lambda: pb.GenerateRequest(prompt="a", stop=["ok", "XX"]), "stop[1]"),
+        (lambda: pb.GenerateRequest(prompt="a", request_id="XX"), "request_id"),
+    ],
+)
+async def test_invalid_utf8_is_invalid_argument_naming_the_field(
+    h: Harness, build: Callable[[], pb.GenerateRequest], field: str
+) -> None:
+    raw = build().SerializeToString().replace(b"XX", b"\xff\xfe")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _raw_call(h.channel, "/autoglm.v1.AutoGLM/Generate")(raw)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(f"{field}: ")
+    assert h.engine.requests == []
+    assert h.rejected == ["INVALID_ARGUMENT"]
+
+
+async def test_invalid_utf8_in_chat_and_v2_names_the_nested_field(h: Harness) -> None:
+    req = pb.GenerateRequest(max_new_tokens=1)
+    req.chat.messages.add(role="user", content="fine")
+    req.chat.messages.add(role="user", content="XX")
+    raw = req.SerializeToString().replace(b"XX", b"\xc3(")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _raw_call(h.channel, "/autoglm.v1.AutoGLM/GenerateStream")(raw)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("chat.messages[1].content: ")
+    v2_req = v2.ModelInferRequest(model_name="fake", id="XX")
+    raw = v2_req.SerializeToString().replace(b"XX", b"\xff")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _raw_call(h.channel, "/inference.GRPCInferenceService/ModelInfer")(raw)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("id: ")
+    assert h.rejected == ["INVALID_ARGUMENT"] * 2
+
+
+@pytest.mark.parametrize("value", [2**31 - 1, 64, 63])
+async def test_max_new_tokens_beyond_the_context_is_invalid_argument(
+    h: Harness, value: int
+) -> None:
+    # "ab" is 2 tokens of the fake's 64-token context: 62 fit, 63 do not.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await h.stub.Generate(pb.GenerateRequest(prompt="ab", max_new_tokens=value))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("max_new_tokens: ")
+    assert h.engine.requests == []
+    assert h.rejected == ["INVALID_ARGUMENT"]
+    ok = await h.stub.Generate(pb.GenerateRequest(prompt="ab", max_new_tokens=62))
+    assert ok.usage.completion_tokens == 62
+
+
+async def test_unset_max_new_tokens_is_capped_by_the_context(h: Harness) -> None:
+    resp = await h.stub.Generate(pb.GenerateRequest(prompt="a" * 60))
+    assert resp.usage.completion_tokens == 4  # 128 by default, 4 left in the context
+
+
+async def test_too_long_chat_names_chat_messages(h: Harness) -> None:
+    req = pb.GenerateRequest(max_new_tokens=1)
+    req.chat.messages.add(role="user", content="x" * 70)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await h.stub.Generate(req)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("chat.messages: ")
+
+
+async def test_v2_max_tokens_beyond_the_context_is_invalid_argument(h: Harness) -> None:
+    req = v2.ModelInferRequest(
+        model_name="fake", parameters={"max_tokens": v2.InferParameter(int64_param=2**31 - 1)}
+    )
+    req.inputs.add(name="text_input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+        b"hi"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await h.v2.ModelInfer(req)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("parameters.max_tokens: ")
+
+
+async def test_internal_errors_are_counted(h: Harness) -> None:
+    h.engine.admission_error = RuntimeError("secret")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await h.stub.Generate(pb.GenerateRequest(prompt="a", max_new_tokens=1))
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in info.value.details()
+    assert h.rejected == ["INTERNAL"]

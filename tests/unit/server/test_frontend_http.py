@@ -144,7 +144,7 @@ async def test_streaming_completion(h: Harness) -> None:
         ("/v1/completions", {"prompt": "hi", "top_p": 7}, "top_p"),
         ("/v1/completions", {"prompt": ""}, "prompt"),
         ("/v1/completions", {"max_tokens": 3}, "prompt"),
-        ("/v1/completions", {"prompt": "hi", "n": 2}, "n"),
+        ("/v1/completions", {"prompt": "hi", "n": 17}, "n"),
         ("/v1/completions", {"prompt": "hi", "priority": 5}, "priority"),  # the engine's check
         ("/v1/chat/completions", {"messages": []}, "messages"),
         (
@@ -208,15 +208,16 @@ async def test_tokenizing_does_not_block_the_event_loop(
     h: Harness, path: str, body: dict[str, Any], method: str, stream: bool
 ) -> None:
     started, release, finished = threading.Event(), threading.Event(), threading.Event()
-    fast = getattr(h.engine, method)
+    target = h.engine.tokenizer if method == "apply_chat_template" else h.engine
+    fast = getattr(target, method)
 
-    def slow(arg: Any) -> list[int]:
+    def slow_any(*args: Any, **kwargs: Any) -> Any:
         started.set()
         release.wait(3)  # on the event loop's thread, this would hold everything for 3 s
         finished.set()
-        return list(fast(arg))
+        return fast(*args, **kwargs)
 
-    setattr(h.engine, method, slow)
+    setattr(target, method, slow_any)
     call = asyncio.ensure_future(h.client.post(path, json={**body, "stream": stream}))
     try:
         assert await asyncio.to_thread(started.wait, 5)

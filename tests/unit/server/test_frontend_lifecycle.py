@@ -39,7 +39,7 @@ class _Metrics:
 
 class LifecycleEngine(FakeEngine):
     def __init__(self, on_fatal: Callable[[BaseException], None]) -> None:
-        super().__init__(step_s=0.01)
+        super().__init__(step_s=0.01, max_model_len=200_000)
         self.ready = False
         self.on_fatal = on_fatal
         self.metrics = _Metrics()

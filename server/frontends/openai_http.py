@@ -1,0 +1,880 @@
+"""The HTTP front end: OpenAI-compatible API, health probes and Prometheus metrics.
+
+Endpoints: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``
+(``stream: true`` is Server-Sent Events ending in ``data: [DONE]``),
+``/healthz`` (live), ``/readyz`` (ready) and ``/metrics``.
+
+The handlers translate only. Bodies are parsed here, strictly
+(:mod:`.body`): invalid UTF-8, lone surrogates, deep nesting and unknown
+fields are all 400s naming the field, never 500s. Errors use OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` shape; a full queue is 429
+with ``Retry-After``, not ready is 503. Every request that ends here without
+reaching the engine is counted in ``autoglm_requests_total`` (internal errors
+too); the engine counts the rest.
+
+A streaming response is opened (engine admission done) before the headers go
+out, so admission errors get a real status code; after that a client
+disconnect cancels the body task and aborts the engine requests. A
+non-streaming request is aborted the same way when its client hangs up.
+``n`` > 1 runs n engine requests and merges them by ``index``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+from starlette.types import Receive, Scope, Send
+
+from autoglm_server import __version__
+from autoglm_server.engine.api import (
+    SEED_MAX,
+    AsyncEngine,
+    FinishReason,
+    GenerationDelta,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+)
+from autoglm_server.engine.grammar import GrammarSpec
+from autoglm_server.errors import (
+    AutoGLMError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+)
+from autoglm_server.errors import CancelledError as RequestCancelledError
+from autoglm_server.frontend import GenerationStream, ServerState, new_request_id
+from autoglm_server.frontends import openai_protocol as proto
+from autoglm_server.frontends.body import parse_json_body
+from autoglm_server.frontends.chat import template_messages
+from autoglm_server.frontends.tools import (
+    ToolCall,
+    ToolParser,
+    ToolSpec,
+    parser_for_template,
+    parser_named,
+)
+from autoglm_server.validation import (
+    check_room,
+    format_loc,
+    max_prompt_chars,
+    too_long,
+    validate_prompt,
+)
+
+logger = logging.getLogger(__name__)
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MetricsRenderer = Callable[[], bytes]
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    499: "cancelled",
+    500: "internal_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+# OpenAI's finish_reason values; ours that are not among them are answered as
+# "stop" with the real reason in "autoglm_finish_reason".
+_OPENAI_FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
+_LOGPROB_FLOOR = -9999.0  # JSON has no -inf; what OpenAI and vLLM send for impossible tokens
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {
+        "error": {
+            "message": message,
+            "type": _ERROR_TYPES.get(status, "error"),
+            "param": param,
+            "code": None,
+        }
+    }
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+def _response_for(exc: Exception, path: str) -> JSONResponse:
+    if not isinstance(exc, AutoGLMError):
+        logger.error("internal error on %s", path, exc_info=exc)
+        return error_response(500, "internal error")
+    status = exc.http_status
+    if status >= 500 and status not in (503, 504):
+        logger.error("internal error on %s", path, exc_info=exc)
+        return error_response(500, "internal error")
+    headers = None
+    if isinstance(exc, QueueFullError):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+    param = exc.field if isinstance(exc, InvalidRequestError) else None
+    if isinstance(exc, ModelNotFoundError):
+        param = "model"
+    if isinstance(exc, RequestCancelledError):
+        logger.debug("%s: %s", path, exc)  # the client left; nobody reads this answer
+    return error_response(status, str(exc), param, headers)
+
+
+def _field_names() -> frozenset[str]:
+    names: set[str] = set()
+    for obj in vars(proto).values():
+        if isinstance(obj, type) and issubclass(obj, BaseModel):
+            for name, info in obj.model_fields.items():
+                names.add(info.alias or name)
+    return frozenset(names)
+
+
+_FIELDS = _field_names()
+
+
+def _parse(model: type[proto.BaseModelT], data: dict[str, Any]) -> proto.BaseModelT:
+    """Validate a body; the first error names the wire field (union branch tags dropped)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        best: tuple[list[str | int], str, str] | None = None
+        for err in exc.errors(include_url=False):
+            loc = [p for p in err["loc"] if isinstance(p, int) or p in _FIELDS]
+            if err["type"] == "extra_forbidden" and err["loc"]:
+                loc = [*loc, err["loc"][-1]] if err["loc"][-1] not in loc[-1:] else loc
+            # Of a union's errors, the deepest names the field best.
+            if best is None or len(loc) > len(best[0]):
+                best = (loc, err["type"], err["msg"])
+        assert best is not None
+        loc, kind, msg = best
+        field = format_loc(loc) or "body"
+        if kind == "extra_forbidden":
+            msg = "is not supported by this server (see the supported set in its README)"
+        raise InvalidRequestError(field, msg) from None
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+class _SSEResponse(StreamingResponse):
+    """A StreamingResponse that always runs ``on_close`` when the exchange ends.
+
+    Starlette stops iterating the body when the client goes away but leaves
+    the generator for the garbage collector; closing it here frees the engine
+    slots deterministically.
+    """
+
+    def __init__(
+        self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]
+    ) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except OSError as exc:  # the client hung up mid-write: not a server error
+            logger.debug("stream ended by the client: %s", exc)
+        finally:
+            await self._on_close()
+
+
+async def _guard_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Once the headers are out, an error can only be reported in-band: as a
+    final ``data: {"error": ...}`` event (what OpenAI does), never a stack trace."""
+    try:
+        async for event in events:
+            yield event
+    except AutoGLMError as exc:
+        status = exc.http_status if exc.http_status in _ERROR_TYPES else 500
+        message = str(exc) if status < 500 or status in (503, 504) else "internal error"
+        if message == "internal error":
+            logger.error("internal error while streaming", exc_info=exc)
+        yield _sse(error_body(status, message))
+    except Exception as exc:
+        logger.error("internal error while streaming", exc_info=exc)
+        yield _sse(error_body(500, "internal error"))
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _usage_json(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class _OpenStreams:
+    """The admitted engine streams of one request (one per choice)."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack, streams: list[GenerationStream]):
+        self.stack = stack
+        self.streams = streams
+
+    async def merged(self) -> AsyncIterator[tuple[int, GenerationDelta]]:
+        """(choice index, delta) as they come, from every stream."""
+        if len(self.streams) == 1:
+            async for delta in self.streams[0]:
+                yield 0, delta
+            return
+        queue: asyncio.Queue[tuple[int, GenerationDelta | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, stream: GenerationStream) -> None:
+            try:
+                async for delta in stream:
+                    queue.put_nowait((index, delta))
+                queue.put_nowait((index, None))
+            except Exception as exc:
+                queue.put_nowait((index, exc))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            live = len(tasks)
+            while live:
+                index, item = await queue.get()
+                if item is None:
+                    live -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.stack.aclose()
+
+
+async def _open(state: ServerState, gens: list[GenerationRequest]) -> _OpenStreams:
+    """Admit the request and start every engine request (admission errors raise here)."""
+    stack = contextlib.AsyncExitStack()
+    try:
+        engine = stack.enter_context(state.admit())
+        streams = []
+        for gen in gens:
+            stream = GenerationStream(engine, gen)
+            stack.push_async_exit(stream)
+            streams.append(stream)
+    except BaseException:
+        await stack.aclose()
+        raise
+    return _OpenStreams(stack, streams)
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client hangs up. The body has been read by now, so the
+    next ASGI message the server sends is ``http.disconnect``."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _run_to_end(
+    state: ServerState, request: Request, gens: list[GenerationRequest]
+) -> list[_Choice]:
+    """Run every choice to the end, or abort them all when the client hangs up (the
+    server doesn't cancel a handler whose client left, so the connection is watched)."""
+    opened = await _open(state, gens)
+    choices = [_Choice() for _ in gens]
+
+    async def work() -> None:
+        async for index, delta in opened.merged():
+            choices[index].add(delta)
+
+    # Leaving the stack aborts the engine requests that have not finished,
+    # counted under the status of the exception that left it.
+    async with opened.stack:
+        job = asyncio.ensure_future(work())
+        watch = asyncio.ensure_future(_until_disconnect(request))
+        try:
+            await asyncio.wait({job, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not job.done():
+                job.cancel()
+            for task in (job, watch):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if job.cancelled():
+            raise RequestCancelledError("the client disconnected before the completion finished")
+        job.result()
+    return choices
+
+
+@dataclass(slots=True)
+class _Choice:
+    """One choice's output, gathered from its deltas."""
+
+    parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: FinishReason | None = None
+
+    def add(self, delta: GenerationDelta) -> None:
+        self.parts.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            self.finish = delta.finish_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def _finish_fields(reason: FinishReason | None, override: str | None = None) -> dict[str, Any]:
+    """``finish_reason`` in OpenAI's vocabulary, plus ours when it says more."""
+    if reason is None:
+        return {"finish_reason": None}
+    out: dict[str, Any] = {"finish_reason": override or _OPENAI_FINISH.get(reason, "stop")}
+    if reason not in _OPENAI_FINISH:
+        out["autoglm_finish_reason"] = reason.value
+    return out
+
+
+# --------------------------------------------------------------------------- logprobs
+
+
+class _TokenText:
+    """Token id -> its text and UTF-8 bytes, cached per tokenizer."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._tokenizer = engine.tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = str(self._tokenizer.decode([token_id]))
+            self._cache[token_id] = text
+        return text
+
+
+def _lp(value: float) -> float:
+    return max(value, _LOGPROB_FLOOR)
+
+
+def _chat_logprobs(entries: Sequence[TokenLogprob], text_of: _TokenText) -> list[dict[str, Any]]:
+    out = []
+    for e in entries:
+        token = text_of(e.token_id)
+        out.append(
+            {
+                "token": token,
+                "logprob": _lp(e.logprob),
+                "bytes": list(token.encode("utf-8")),
+                "top_logprobs": [
+                    {
+                        "token": text_of(t),
+                        "logprob": _lp(lp),
+                        "bytes": list(text_of(t).encode("utf-8")),
+                    }
+                    for t, lp in e.top
+                ],
+            }
+        )
+    return out
+
+
+def _completion_logprobs(
+    entries: Sequence[TokenLogprob], text_of: _TokenText, offset: int
+) -> dict[str, Any]:
+    tokens, offsets = [], []
+    for e in entries:
+        offsets.append(offset)
+        token = text_of(e.token_id)
+        tokens.append(token)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [_lp(e.logprob) for e in entries],
+        "top_logprobs": [{text_of(t): _lp(lp) for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _max_new_tokens(
+    value: int | None, field: str, prompt_len: int, max_model_len: int, default: int | None
+) -> int:
+    """An explicit limit must fit the context (400 otherwise, as OpenAI); a default is capped."""
+    room = max(0, max_model_len - prompt_len)
+    if value is None:
+        return room if default is None else min(default, room)
+    if value > room:
+        raise InvalidRequestError(
+            field,
+            f"{value} tokens do not fit: the prompt has {prompt_len} of the "
+            f"{max_model_len}-token context, leaving {room}",
+        )
+    return value
+
+
+def _gens(
+    prompt_ids: list[int], params: SamplingParams, n: int, priority: int
+) -> list[GenerationRequest]:
+    """n engine requests; a seeded request gives choice i the seed ``seed + i``."""
+    out = []
+    for i in range(n):
+        p = params
+        if i and params.seed is not None:
+            p = dataclasses.replace(params, seed=(params.seed + i) % SEED_MAX)
+        out.append(
+            GenerationRequest(
+                request_id=new_request_id(),
+                prompt_token_ids=prompt_ids,
+                params=p,
+                priority=priority,
+            )
+        )
+    return out
+
+
+def _check_priority(priority: int) -> None:
+    if priority < 0:
+        raise InvalidRequestError("priority", "must be >= 0")
+
+
+@dataclass(slots=True)
+class _ToolPlan:
+    """How a chat request treats tools: which parser, and what the output must be."""
+
+    tools: list[ToolSpec]
+    parser: ToolParser | None  # None: tool calls are not parsed (no tools, or choice none)
+    named: str | None = None  # tool_choice names one function
+    forced: bool = False  # required or named: the output is a call, enforced by grammar
+
+
+def _tool_plan(body: proto.ChatCompletionRequest, state: ServerState, template: str | None):  # type: ignore[no-untyped-def]
+    tools = [ToolSpec(t.function.name, t.function.parameters) for t in body.tools or []]
+    choice = body.tool_choice
+    if choice is not None and not tools and choice != "none":
+        raise InvalidRequestError("tool_choice", "needs tools")
+    if body.tools is not None and not tools:
+        raise InvalidRequestError("tools", "must not be empty")
+    if len({t.name for t in tools}) != len(tools):
+        raise InvalidRequestError("tools", "function names must be unique")
+    if not tools or choice == "none":
+        return _ToolPlan(tools, None)
+    parser = parser_named(state.tool_parser) if state.tool_parser else parser_for_template(template)
+    if isinstance(choice, proto.NamedToolChoice):
+        name = choice.function.name
+        if name not in {t.name for t in tools}:
+            raise InvalidRequestError("tool_choice.function.name", f"no tool named {name!r}")
+        return _ToolPlan(tools, parser, named=name, forced=True)
+    return _ToolPlan(tools, parser, forced=choice == "required")
+
+
+def _grammar_spec(
+    body: proto.ChatCompletionRequest, plan: _ToolPlan
+) -> tuple[GrammarSpec, str] | None:
+    fmt = body.response_format
+    wants_json = fmt is not None and fmt.type != "text"
+    if wants_json and plan.forced:
+        raise InvalidRequestError(
+            "response_format", "cannot be combined with tool_choice required or a named tool"
+        )
+    if plan.forced:
+        assert plan.parser is not None
+        tools = [t for t in plan.tools if plan.named in (None, t.name)]
+        return plan.parser.grammar(tools), "tool_choice"
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return GrammarSpec.json(None), "response_format"
+    if fmt.json_schema is None:
+        raise InvalidRequestError("response_format.json_schema", "is required for json_schema")
+    schema = fmt.json_schema.schema_
+    return GrammarSpec.json(schema if schema is not None else {}), "response_format.json_schema"
+
+
+# --------------------------------------------------------------------------- app
+
+
+def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -> FastAPI:
+    """The FastAPI app. ``render_metrics`` returns Prometheus text (None: no /metrics)."""
+    app = FastAPI(title="AutoGLM", version=__version__, docs_url=None, redoc_url=None)
+
+    class GuardedRoute(APIRoute):
+        """Every exception becomes an OpenAI error response, and is counted once."""
+
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def guarded(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except Exception as exc:
+                    state.record_rejection(exc)
+                    return _response_for(exc, request.url.path)
+
+            return guarded
+
+    app.router.route_class = GuardedRoute
+
+    def served(model: str | None) -> AsyncEngine:
+        engine = state.require_engine()
+        if model and model != engine.model_info.name:
+            raise ModelNotFoundError(model)
+        return engine
+
+    async def read_body(request: Request) -> dict[str, Any]:
+        return parse_json_body(await request.body())
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return PlainTextResponse("ok")
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if state.is_ready():
+            return PlainTextResponse("ready")
+        return PlainTextResponse(state.phase.value, status_code=503)
+
+    if render_metrics is not None:
+        metrics_fn = render_metrics
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(metrics_fn(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        info = state.require_engine().model_info
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": info.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "autoglm",
+                    "root": info.name,
+                    "max_model_len": info.max_model_len,
+                }
+            ],
+        }
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request) -> Response:
+        body = _parse(proto.CompletionRequest, await read_body(request))
+        engine = served(body.model)
+        info = engine.model_info
+        if isinstance(body.prompt, list):
+            if len(body.prompt) != 1:
+                raise InvalidRequestError("prompt", "only one prompt per request is supported")
+            prompt = body.prompt[0]
+        else:
+            prompt = body.prompt
+        if body.best_of not in (None, body.n):
+            raise InvalidRequestError("best_of", "is not supported (only best_of == n)")
+        prompt = validate_prompt(prompt, max_chars=max_prompt_chars(info.max_model_len))
+        _check_priority(body.priority)
+        # CPU work proportional to the (capped) prompt: off the event loop.
+        prompt_ids = await asyncio.to_thread(engine.tokenize, prompt)
+        check_room(len(prompt_ids), info.max_model_len, "prompt")
+        max_new = _max_new_tokens(
+            body.max_tokens, "max_tokens", len(prompt_ids), info.max_model_len, 16
+        )
+        params = proto.sampling_from(
+            {
+                "max_new_tokens": max_new,
+                "temperature": body.temperature,
+                "top_p": body.top_p,
+                "top_k": body.top_k,
+                "repetition_penalty": body.repetition_penalty,
+                "presence_penalty": body.presence_penalty,
+                "frequency_penalty": body.frequency_penalty,
+                "logit_bias": body.logit_bias_pairs(),
+                "logprobs": body.logprobs,
+                "stop": body.stop_tuple(),
+                "seed": body.seed,
+                "ignore_eos": body.ignore_eos,
+            },
+            proto.COMPLETION_NAMES,
+            info.vocab_size,
+        )
+        gens = _gens(prompt_ids, params, body.n, body.priority)
+        created = int(time.time())
+        cid = f"cmpl-{new_request_id()}"
+        text_of = _TokenText(engine) if params.logprobs is not None else None
+
+        def chunk(index: int, text: str, finish: dict[str, Any], lps: Any) -> dict[str, Any]:
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": info.name,
+                "choices": [
+                    {"index": index, "text": text, "logprobs": lps, "finish_reason": None, **finish}
+                ],
+            }
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            opened = await _open(state, gens)
+
+            async def events() -> AsyncIterator[str]:
+                completion_tokens = 0
+                offsets = [0] * len(gens)
+                async for index, delta in opened.merged():
+                    completion_tokens += len(delta.token_ids)
+                    finish = _finish_fields(delta.finish_reason)
+                    if delta.text or delta.finish_reason is not None or delta.logprobs:
+                        lps = None
+                        if text_of is not None and delta.logprobs is not None:
+                            lps = _completion_logprobs(delta.logprobs, text_of, offsets[index])
+                        offsets[index] += len(delta.text)
+                        yield _sse(chunk(index, delta.text, finish, lps))
+                if include_usage:
+                    usage = _usage_json(len(prompt_ids), completion_tokens)
+                    yield _sse({**chunk(0, "", {}, None), "choices": [], "usage": usage})
+                yield "data: [DONE]\n\n"
+
+            return _SSEResponse(_guard_events(events()), opened.close)
+
+        choices = await _run_to_end(state, request, gens)
+        out = chunk(0, "", {}, None)
+        out["choices"] = [
+            {
+                "index": i,
+                "text": c.text,
+                "logprobs": None
+                if text_of is None
+                else _completion_logprobs(c.logprobs, text_of, 0),
+                **_finish_fields(c.finish),
+            }
+            for i, c in enumerate(choices)
+        ]
+        out["usage"] = _usage_json(len(prompt_ids), sum(len(c.token_ids) for c in choices))
+        return JSONResponse(out)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> Response:
+        body = _parse(proto.ChatCompletionRequest, await read_body(request))
+        engine = served(body.model)
+        info = engine.model_info
+        max_chars = max_prompt_chars(info.max_model_len)
+        if sum(len(m.text()) for m in body.messages) > max_chars:
+            raise InvalidRequestError("messages", too_long(max_chars))
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise InvalidRequestError("max_completion_tokens", "give it or max_tokens, not both")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidRequestError("top_logprobs", "needs logprobs: true")
+        if body.parallel_tool_calls is False and body.tools:
+            pass  # at most one call is what every supported parser produces anyway
+        _check_priority(body.priority)
+        messages = template_messages(body.messages)
+        renderer = state.chat_renderer(engine)
+        plan = _tool_plan(body, state, renderer.template)
+        tools_json = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        prompt_ids = await asyncio.to_thread(renderer.render, messages, tools=tools_json)
+        check_room(len(prompt_ids), info.max_model_len, "messages")
+        limit_field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        max_new = _max_new_tokens(
+            body.max_completion_tokens or body.max_tokens,
+            limit_field,
+            len(prompt_ids),
+            info.max_model_len,
+            None,  # OpenAI's chat default is "until the context is full"
+        )
+        grammar = None
+        spec = _grammar_spec(body, plan)
+        if spec is not None:
+            compiler = await asyncio.to_thread(state.grammar_compiler, engine)
+            grammar = await asyncio.to_thread(compiler.compile, spec[0], spec[1])
+        params = proto.sampling_from(
+            {
+                "max_new_tokens": max_new,
+                "temperature": body.temperature,
+                "top_p": body.top_p,
+                "top_k": body.top_k,
+                "repetition_penalty": body.repetition_penalty,
+                "presence_penalty": body.presence_penalty,
+                "frequency_penalty": body.frequency_penalty,
+                "logit_bias": body.logit_bias_pairs(),
+                "logprobs": (body.top_logprobs or 0) if body.logprobs else None,
+                "stop": body.stop_tuple(),
+                "seed": body.seed,
+                "ignore_eos": body.ignore_eos,
+                "grammar": grammar,
+            },
+            {**proto.CHAT_NAMES, "max_new_tokens": limit_field},
+            info.vocab_size,
+        )
+        gens = _gens(prompt_ids, params, body.n, body.priority)
+        created = int(time.time())
+        cid = f"chatcmpl-{new_request_id()}"
+        text_of = _TokenText(engine) if params.logprobs is not None else None
+        call_finish = "stop" if plan.named else "tool_calls"
+
+        def chunk(index: int, delta: dict[str, Any], finish: dict[str, Any], lps: Any):  # type: ignore[no-untyped-def]
+            return {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": info.name,
+                "choices": [
+                    {
+                        "index": index,
+                        "delta": delta,
+                        "logprobs": lps,
+                        "finish_reason": None,
+                        **finish,
+                    }
+                ],
+            }
+
+        def lp_json(entries: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+            if text_of is None:
+                return None
+            return {"content": _chat_logprobs(entries, text_of)}
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            opened = await _open(state, gens)
+
+            async def events() -> AsyncIterator[str]:
+                completion_tokens = 0
+                streams = [_ChatStream(plan) for _ in gens]
+                for i in range(len(gens)):
+                    yield _sse(chunk(i, {"role": "assistant", "content": ""}, {}, None))
+                async for index, delta in opened.merged():
+                    completion_tokens += len(delta.token_ids)
+                    cs = streams[index]
+                    for piece, entries in cs.add(delta):
+                        yield _sse(chunk(index, piece, {}, lp_json(entries)))
+                    if delta.finish_reason is not None:
+                        calls, rest, entries = cs.finish()
+                        if rest:
+                            yield _sse(chunk(index, {"content": rest}, {}, lp_json(entries)))
+                            entries = []
+                        if calls:
+                            for j, call in enumerate(calls):
+                                head = {**call.to_json(j), "function": {"name": call.name}}
+                                head["function"]["arguments"] = ""
+                                yield _sse(chunk(index, {"tool_calls": [head]}, {}, None))
+                                args = {"index": j, "function": {"arguments": call.arguments}}
+                                yield _sse(
+                                    chunk(index, {"tool_calls": [args]}, {}, lp_json(entries))
+                                )
+                                entries = []
+                        override = call_finish if calls else None
+                        finish = _finish_fields(delta.finish_reason, override)
+                        yield _sse(chunk(index, {}, finish, lp_json(entries) if entries else None))
+                if include_usage:
+                    usage = _usage_json(len(prompt_ids), completion_tokens)
+                    yield _sse({**chunk(0, {}, {}, None), "choices": [], "usage": usage})
+                yield "data: [DONE]\n\n"
+
+            return _SSEResponse(_guard_events(events()), opened.close)
+
+        choices = await _run_to_end(state, request, gens)
+        out_choices = []
+        for i, c in enumerate(choices):
+            calls = plan.parser.parse(c.text, plan.tools) if plan.parser is not None else []
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            if calls:
+                message = {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [call.to_json() for call in calls],
+                }
+            out_choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": lp_json(c.logprobs),
+                    **_finish_fields(c.finish, call_finish if calls else None),
+                }
+            )
+        return JSONResponse(
+            {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": info.name,
+                "choices": out_choices,
+                "usage": _usage_json(len(prompt_ids), sum(len(c.token_ids) for c in choices)),
+            }
+        )
+
+    return app
+
+
+class _ChatStream:
+    """One streamed chat choice: plain content, or tool calls held back until they parse.
+
+    While the output so far could still be a tool call (the parser says so),
+    text and its logprobs are held; once it can't, what was held is sent as
+    content and the rest streams as it comes. At the end, held text that
+    parses as tool calls is sent as ``tool_calls`` deltas (the name first,
+    then the arguments), which is how the openai client assembles them.
+    """
+
+    def __init__(self, plan: _ToolPlan) -> None:
+        self._plan = plan
+        self._holding = plan.parser is not None
+        self._held: list[str] = []
+        self._held_lps: list[TokenLogprob] = []
+
+    def add(self, delta: GenerationDelta) -> list[tuple[dict[str, Any], list[TokenLogprob]]]:
+        lps = list(delta.logprobs or ())
+        if not self._holding:
+            return [({"content": delta.text}, lps)] if delta.text or lps else []
+        self._held.append(delta.text)
+        self._held_lps.extend(lps)
+        parser = self._plan.parser
+        assert parser is not None
+        text = "".join(self._held)
+        if self._plan.forced or parser.may_be_call(text, self._plan.tools):
+            return []
+        self._holding = False
+        held_lps, self._held, self._held_lps = self._held_lps, [], []
+        return [({"content": text}, held_lps)]
+
+    def finish(self) -> tuple[list[ToolCall], str, list[TokenLogprob]]:
+        """(tool calls, text still to send as content, logprobs not yet sent)."""
+        text = "".join(self._held)
+        lps = self._held_lps
+        if not self._holding or self._plan.parser is None:
+            return [], text, lps
+        calls = self._plan.parser.parse(text, self._plan.tools)
+        return (calls, "", lps) if calls else ([], text, lps)
+
+
+def build_metrics_app(render_metrics: MetricsRenderer) -> FastAPI:
+    """The metrics-only app for the dedicated metrics port."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(render_metrics(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    return app
