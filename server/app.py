@@ -60,6 +60,8 @@ class ServeOptions:
     http_port: int = 8000
     metrics_port: int = 8002  # 0: metrics only on the HTTP port
     shutdown_grace_s: float = 30.0
+    chat_template: str | None = None  # --chat-template: the template text
+    tool_call_parser: str | None = None  # --tool-call-parser: glm4, llama3_json
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -113,6 +115,8 @@ class ServerProcess:
         self.options = options
         self._engine_factory = engine_factory
         self.state = ServerState()
+        self.state.chat_template = options.chat_template
+        self.state.tool_parser = options.tool_call_parser
         self.engine: LLMEngine | None = None  # anything with LLMEngine's interface
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()
