@@ -463,6 +463,7 @@ class LLMEngine:
             token_ids=out.new_token_ids,
             finish_reason=finish,
             usage=Usage(out.num_prompt_tokens, out.num_output_tokens) if finish else None,
+            logprobs=out.logprobs,
         )
         if out.finish_reason is not None:
             self._record_finish(tracked, delta, now)

@@ -466,7 +466,7 @@ class ModelRunner:
         logits = self._logits(ids_t, pos_t, sample_index_t)
         rows = [s for s in seqs if s.sample]
         tokens = self._sample(logits, rows, sample_slots_t)
-        return RunnerOutput(sampled_token_ids=tokens.tolist())  # the one sync of the step
+        return self._output(tokens)  # the one sync of the step
 
     def _to_device(self, parts: list[list[int]]) -> torch.Tensor:
         flat: list[int] = []
@@ -552,7 +552,7 @@ class ModelRunner:
             )
         rows_seqs = [s for s in seqs if s.sample]
         tokens = self._sample(logits, rows_seqs, slots_t)
-        return RunnerOutput(sampled_token_ids=tokens.tolist())
+        return self._output(tokens)
 
     # -- sampling --------------------------------------------------------------------------------
 
@@ -560,6 +560,10 @@ class ModelRunner:
         self, logits: torch.Tensor, rows: list[ScheduledSeq], slots: torch.Tensor
     ) -> torch.Tensor:
         return self.sampler.sample(logits, rows, slots)
+
+    def _output(self, tokens: torch.Tensor) -> RunnerOutput:
+        ids, logprobs = self.sampler.to_host(tokens)
+        return RunnerOutput(sampled_token_ids=ids, logprobs=logprobs)
 
     # -- helpers -----------------------------------------------------------------------------
 

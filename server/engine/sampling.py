@@ -1,23 +1,45 @@
 """Batched sampling on the device, with per-slot sampling state.
 
 The runner owns one :class:`Sampler`. When a request is admitted its settings
-(temperature, top-p, top-k, repetition penalty, seed) are written into per-slot
-device tensors once; every later step only gathers them by slot, so a step's
-sampling is a handful of batched kernels with no per-request host work beyond
-the summary that decides which of them run.
+(temperature, top-p, top-k, penalties, logit bias, seed, grammar) are written
+into per-slot state once; every later step only gathers them by slot, so a
+step's sampling is a handful of batched kernels with no per-request host work
+beyond the summary that decides which of them run.
 
-Draws use the exponential-race trick (argmax of p / E with E ~ Exp(1)), which
-samples from p exactly and lets every seeded request fill its own row of noise
-from its own generator, so a seeded request's output does not depend on what
-else is in the batch.
+One step, in order: repetition penalty (prompt and output tokens), presence
+and frequency penalties (output tokens), logit bias, grammar masks; the
+logprobs are taken there (what the model and the request's constraints make
+of the next token, before temperature); then temperature, top-k, top-p and a
+draw.
+
+- Grammar masks (:mod:`.grammar`): each constrained row's matcher fills its row
+  of one pinned host bitmask (host work proportional to the constrained rows);
+  the bitmask goes to the device in one non-blocking copy and is applied to all
+  rows in one kernel. Nothing waits on the device for it. A matcher learns the
+  token it was given from the next step's decode input (the host has it then),
+  so accepting costs no extra sync either.
+- Top-k uses ``torch.topk`` (a partial selection, not a full-vocabulary sort);
+  top-p still sorts, but only when a row asks for it.
+- Draws use the exponential-race trick (argmax of p / E with E ~ Exp(1)),
+  which samples from p exactly and lets every seeded request fill its own row
+  of noise from its own generator, so a seeded request's output does not
+  depend on what else is in the batch.
+- :meth:`Sampler.to_host` reads the step's tokens (and logprobs, packed into
+  the same tensor) back with one copy: the one sync of the step.
+
+Limitation: a request preempted by recompute starts its penalties' output
+counts and its grammar matcher afresh when re-admitted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from .api import TokenLogprob
+from .grammar import new_matcher
 from .scheduler import ScheduledSeq
 
 
@@ -31,7 +53,12 @@ class _SamplingRows:
     any_top_k: bool
     any_top_p: bool
     any_penalty: bool
+    any_counts: bool  # presence or frequency penalty
+    any_bias: bool
     seeded: list[tuple[int, int]]  # (row, slot) of rows with a per-request generator
+    grammar_rows: list[int]  # rows with a grammar matcher
+    logprob_k: list[int]  # per row: -1 no logprobs, else the number of alternatives
+    max_top_k: int  # the largest top_k among sampled rows (host value: no sync)
 
 
 class Sampler:
@@ -40,19 +67,30 @@ class Sampler:
     def __init__(self, num_slots: int, vocab_size: int, device: torch.device) -> None:
         self.device = device
         self.vocab_size = vocab_size
+        self.num_slots = num_slots
         # Per-slot sampling state, written when a request is admitted.
         self._temperature = torch.ones(num_slots, dtype=torch.float32, device=device)
         self._top_p = torch.ones(num_slots, dtype=torch.float32, device=device)
         self._top_k = torch.zeros(num_slots, dtype=torch.int64, device=device)
         self._penalty = torch.ones(num_slots, dtype=torch.float32, device=device)
+        self._presence = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self._frequency = torch.zeros(num_slots, dtype=torch.float32, device=device)
         # Tokens seen per slot (prompt + output), for the repetition penalty.
         self._seen = torch.zeros(num_slots, vocab_size, dtype=torch.bool, device=device)
+        # Allocated on first use: output token counts and dense logit biases.
+        self._counts: torch.Tensor | None = None
+        self._bias: torch.Tensor | None = None
+        self._biased: set[int] = set()
         self._generators: dict[int, torch.Generator] = {}
+        self._matchers: dict[int, Any] = {}  # slot -> xgrammar.GrammarMatcher
+        self._bitmask: torch.Tensor | None = None  # pinned host [num_slots, words] int32
+        self._logprobs: tuple[torch.Tensor, list[int]] | None = None  # of the last sample()
 
     def free(self, slots: list[int]) -> None:
         """Drop the state of slots whose requests are gone."""
         for slot in slots:
             self._generators.pop(slot, None)
+            self._matchers.pop(slot, None)
 
     def admit(self, seqs: list[ScheduledSeq]) -> None:
         """Reset per-slot sampling state for freshly admitted requests."""
@@ -62,7 +100,14 @@ class Sampler:
         slots = torch.tensor([s.slot for s in new], dtype=torch.int64)
         params = torch.tensor(
             [
-                [s.params.temperature, s.params.top_p, s.params.repetition_penalty, s.params.top_k]
+                [
+                    s.params.temperature,
+                    s.params.top_p,
+                    s.params.repetition_penalty,
+                    s.params.top_k,
+                    s.params.presence_penalty,
+                    s.params.frequency_penalty,
+                ]
                 for s in new
             ],
             dtype=torch.float32,
@@ -73,14 +118,45 @@ class Sampler:
         self._top_p[slots_d] = params_d[:, 1]
         self._penalty[slots_d] = params_d[:, 2]
         self._top_k[slots_d] = params_d[:, 3].to(torch.int64)
+        self._presence[slots_d] = params_d[:, 4]
+        self._frequency[slots_d] = params_d[:, 5]
         self._seen[slots_d] = False
+        wants_counts = any(s.params.presence_penalty or s.params.frequency_penalty for s in new)
+        if wants_counts and self._counts is None:
+            self._counts = torch.zeros(
+                self.num_slots, self.vocab_size, dtype=torch.int32, device=self.device
+            )
+        if self._counts is not None:
+            self._counts[slots_d] = 0
         for s in new:
+            self._admit_bias(s)
             if s.params.seed is not None:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(s.params.seed)
                 self._generators[s.slot] = gen
             else:
                 self._generators.pop(s.slot, None)
+            if s.params.grammar is not None:
+                self._matchers[s.slot] = new_matcher(s.params.grammar)
+            else:
+                self._matchers.pop(s.slot, None)
+
+    def _admit_bias(self, seq: ScheduledSeq) -> None:
+        pairs = seq.params.logit_bias
+        if seq.slot in self._biased:
+            assert self._bias is not None
+            self._bias[seq.slot] = 0.0
+            self._biased.discard(seq.slot)
+        if not pairs:
+            return
+        if self._bias is None:
+            self._bias = torch.zeros(
+                self.num_slots, self.vocab_size, dtype=torch.float32, device=self.device
+            )
+        ids = torch.tensor([t for t, _ in pairs], dtype=torch.int64).to(self.device)
+        values = torch.tensor([b for _, b in pairs], dtype=torch.float32).to(self.device)
+        self._bias[seq.slot, ids] = values
+        self._biased.add(seq.slot)
 
     def mark_seen(self, slots: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Record prompt tokens (device tensors, aligned) for the repetition penalty."""
@@ -89,13 +165,26 @@ class Sampler:
     def sample(
         self, logits: torch.Tensor, rows: list[ScheduledSeq], slots: torch.Tensor
     ) -> torch.Tensor:
-        """Batched sampling on the device: penalty, temperature, top-k, top-p, then a draw."""
+        """Batched sampling on the device; returns the token ids (still on the device)."""
         info = self._summarise(rows, slots)
         if info.any_penalty:
             penalty = self._penalty[slots].unsqueeze(1)
             seen = self._seen[slots]
             penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
             logits = torch.where(seen, penalised, logits)
+        if info.any_counts:
+            assert self._counts is not None
+            counts = self._counts[slots].float()
+            logits = (
+                logits
+                - self._frequency[slots].unsqueeze(1) * counts
+                - self._presence[slots].unsqueeze(1) * (counts > 0).float()
+            )
+        if info.any_bias:
+            assert self._bias is not None
+            logits = logits + self._bias[slots]
+        if info.grammar_rows:
+            logits = self._apply_grammar(logits, rows, info)
 
         if info.all_greedy:
             tokens = logits.argmax(dim=-1)
@@ -103,8 +192,10 @@ class Sampler:
             temperature = self._temperature[slots]
             greedy_rows = temperature <= 0
             scaled = logits / torch.where(greedy_rows, 1.0, temperature).unsqueeze(1)
-            if info.any_top_k or info.any_top_p:
-                scaled = self._apply_top_k_top_p(scaled, slots, info)
+            if info.any_top_k:
+                scaled = self._apply_top_k(scaled, slots, info.max_top_k)
+            if info.any_top_p:
+                scaled = self._apply_top_p(scaled, slots)
             probs = scaled.softmax(dim=-1)
             noise = torch.empty_like(probs).exponential_()
             for row, slot in info.seeded:
@@ -116,18 +207,83 @@ class Sampler:
                 else sampled
             )
         self._seen[slots, tokens] = True
+        if info.any_counts:
+            assert self._counts is not None
+            self._counts[slots, tokens] += 1
+        self._logprobs = self._gather_logprobs(logits, tokens, info)
         return tokens
+
+    def to_host(self, tokens: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None] | None]:
+        """The step's token ids, and logprobs per row where asked: one device->host copy."""
+        packed = self._logprobs
+        self._logprobs = None
+        if packed is None:
+            return [int(t) for t in tokens.tolist()], None
+        table, ks = packed
+        host = table.tolist()  # [B, 2 + 2 * kmax]: token, logprob, top ids, top logprobs
+        ids: list[int] = []
+        out: list[TokenLogprob | None] = []
+        for row, k in zip(host, ks, strict=True):
+            token = int(row[0])
+            ids.append(token)
+            if k < 0:
+                out.append(None)
+                continue
+            kmax = (len(row) - 2) // 2
+            top = tuple((int(row[2 + j]), float(row[2 + kmax + j])) for j in range(k))
+            out.append(TokenLogprob(token_id=token, logprob=float(row[1]), top=top))
+        return ids, out
+
+    def _gather_logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor, info: _SamplingRows
+    ) -> tuple[torch.Tensor, list[int]] | None:
+        if max(info.logprob_k, default=-1) < 0:
+            return None
+        lp = logits.float().log_softmax(dim=-1)
+        chosen = lp.gather(1, tokens.unsqueeze(1))
+        columns = [tokens.unsqueeze(1).double(), chosen.double()]
+        kmax = max(info.logprob_k)
+        if kmax > 0:
+            top = lp.topk(kmax, dim=-1)
+            columns += [top.indices.double(), top.values.double()]
+        return torch.cat(columns, dim=1), info.logprob_k
+
+    def _apply_grammar(
+        self, logits: torch.Tensor, rows: list[ScheduledSeq], info: _SamplingRows
+    ) -> torch.Tensor:
+        import xgrammar as xgr
+
+        if self._bitmask is None:
+            mask = xgr.allocate_token_bitmask(self.num_slots, self.vocab_size)
+            self._bitmask = mask.pin_memory() if self.device.type == "cuda" else mask
+        bitmask = self._bitmask
+        for row in info.grammar_rows:
+            seq = rows[row]
+            matcher = self._matchers[seq.slot]
+            if not seq.is_prefill:
+                # The token fed now is the one sampled for this request last step.
+                matcher.accept_token(seq.token_ids[0])
+            matcher.fill_next_token_bitmask(bitmask, row)
+        n = len(rows)
+        device_mask = bitmask[:n].to(self.device, non_blocking=True)
+        logits = logits.contiguous()
+        xgr.apply_token_bitmask_inplace(logits, device_mask, indices=info.grammar_rows)
+        return logits
 
     def _summarise(self, rows: list[ScheduledSeq], slots: torch.Tensor) -> _SamplingRows:
         all_greedy = True
-        any_greedy = any_top_k = any_top_p = any_penalty = False
+        any_greedy = any_top_k = any_top_p = any_penalty = any_counts = any_bias = False
         seeded: list[tuple[int, int]] = []
+        grammar_rows: list[int] = []
+        logprob_k: list[int] = []
+        max_top_k = 0
         for i, seq in enumerate(rows):
             p = seq.params
             if p.temperature > 0:
                 all_greedy = False
                 if p.top_k > 0:
                     any_top_k = True
+                    max_top_k = max(max_top_k, p.top_k)
                 if p.top_p < 1.0:
                     any_top_p = True
                 if p.seed is not None:
@@ -136,25 +292,48 @@ class Sampler:
                 any_greedy = True
             if p.repetition_penalty != 1.0:
                 any_penalty = True
+            if p.presence_penalty or p.frequency_penalty:
+                any_counts = True
+            if p.logit_bias:
+                any_bias = True
+            if seq.slot in self._matchers:
+                grammar_rows.append(i)
+            logprob_k.append(-1 if p.logprobs is None else p.logprobs)
         return _SamplingRows(
-            slots, all_greedy, any_greedy, any_top_k, any_top_p, any_penalty, seeded
+            slots,
+            all_greedy,
+            any_greedy,
+            any_top_k,
+            any_top_p,
+            any_penalty,
+            any_counts,
+            any_bias,
+            seeded,
+            grammar_rows,
+            logprob_k,
+            max_top_k,
         )
 
-    def _apply_top_k_top_p(
-        self, logits: torch.Tensor, slots: torch.Tensor, info: _SamplingRows
-    ) -> torch.Tensor:
+    def _apply_top_k(self, logits: torch.Tensor, slots: torch.Tensor, max_k: int) -> torch.Tensor:
+        """Keep each row's k largest logits: a partial selection, not a full sort.
+
+        ``max_k`` (the largest k of the step) comes from the host-side summary,
+        so nothing waits on the device.
+        """
+        top_k = self._top_k[slots]
+        kmax = min(logits.shape[1], max(1, max_k))
+        values = logits.topk(kmax, dim=-1).values  # [B, kmax], descending
+        k = torch.where(top_k > 0, top_k.clamp(max=kmax), kmax)
+        threshold = values.gather(1, (k - 1).unsqueeze(1))
+        keep = (logits >= threshold) | (top_k <= 0).unsqueeze(1)
+        return logits.masked_fill(~keep, float("-inf"))
+
+    def _apply_top_p(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        rank = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
-        drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
-        if info.any_top_k:
-            top_k = self._top_k[slots]
-            k = torch.where(top_k > 0, top_k, logits.shape[1]).unsqueeze(1)
-            drop |= rank >= k
-        if info.any_top_p:
-            top_p = self._top_p[slots].unsqueeze(1)
-            probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            mass_before = probs.cumsum(dim=-1) - probs
-            drop |= mass_before >= top_p
+        top_p = self._top_p[slots].unsqueeze(1)
+        probs = sorted_logits.softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop = mass_before >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return torch.empty_like(logits).scatter_(1, order, sorted_logits)

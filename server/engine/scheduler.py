@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..errors import QueueFullError
-from .api import FinishReason, GenerationRequest, SamplingParams
+from .api import FinishReason, GenerationRequest, SamplingParams, TokenLogprob
 from .block_manager import BlockManager
 from .config import BatchingConfig
 
@@ -128,6 +128,8 @@ class RunnerOutput:
     """What the runner returns: one sampled token per ``seq.sample`` in schedule order."""
 
     sampled_token_ids: list[int]  # aligned with [s for s in seqs if s.sample]
+    # Aligned the same way when any sampled request asked for logprobs, else None.
+    logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(slots=True)
@@ -139,6 +141,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None  # set when the request is done
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # total generated so far, including new_token_ids
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked
 
 
 class Scheduler:
@@ -419,9 +422,11 @@ class Scheduler:
         """Apply the runner's sampled tokens; finish requests on EOS or length."""
         outputs: list[RequestOutput] = []
         sampled = iter(result.sampled_token_ids)
+        logprobs = iter(result.logprobs) if result.logprobs is not None else None
         bs = self.blocks.block_size
         for seq in scheduled.seqs:
             token = next(sampled) if seq.sample else -1
+            logprob = next(logprobs) if seq.sample and logprobs is not None else None
             state = self._running.get(seq.request_id)
             if state is None or state.slot != seq.slot:
                 continue  # aborted or preempted while the step ran: its result is dropped
@@ -453,6 +458,7 @@ class Scheduler:
                     finish_reason=reason,
                     num_prompt_tokens=len(state.prompt_token_ids),
                     num_output_tokens=len(state.output_token_ids),
+                    logprobs=[logprob] if logprob is not None else None,
                 )
             )
         return outputs
