@@ -28,7 +28,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,6 +48,15 @@ _FINISH_NAMES = {
 
 
 @dataclass(frozen=True, slots=True)
+class Logprob:
+    """One generated token's logprob and its most likely alternatives ((id, logprob), ...)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True, slots=True)
 class GenerateResult:
     request_id: str
     text: str
@@ -56,6 +65,7 @@ class GenerateResult:
     prompt_tokens: int
     completion_tokens: int
     model: str
+    logprobs: list[Logprob] | None = None  # when the request asked for logprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +76,7 @@ class StreamChunk:
     finish_reason: str | None  # set on the last chunk only
     prompt_tokens: int | None  # set on the last chunk only
     completion_tokens: int | None
+    logprobs: list[Logprob] | None = None  # when the request asked for logprobs
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +104,11 @@ def build_generate_request(
     priority: int = 0,
     ignore_eos: bool = False,
     request_id: str = "",
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    logit_bias: Mapping[int, float] | None = None,
+    logprobs: int | None = None,
+    json_schema: Mapping[str, Any] | str | None = None,
 ) -> pb.GenerateRequest:
     """A GenerateRequest; unset knobs stay unset so the server's defaults apply."""
     if (prompt is None) == (messages is None):
@@ -112,11 +128,27 @@ def build_generate_request(
         "top_k": top_k,
         "repetition_penalty": repetition_penalty,
         "seed": seed,
+        "presence_penalty": presence_penalty,
+        "frequency_penalty": frequency_penalty,
+        "logprobs": logprobs,
+        "json_schema": json_schema
+        if json_schema is None or isinstance(json_schema, str)
+        else json.dumps(json_schema),
     }
     for name, value in optional.items():
         if value is not None:
             setattr(req, name, value)
+    for token, bias in (logit_bias or {}).items():
+        req.logit_bias[int(token)] = float(bias)
     return req
+
+
+def _logprobs(entries: Any) -> list[Logprob] | None:
+    if not entries:
+        return None
+    return [
+        Logprob(e.token_id, e.logprob, [(t.token_id, t.logprob) for t in e.top]) for e in entries
+    ]
 
 
 def _result(resp: pb.GenerateResponse) -> GenerateResult:
@@ -128,6 +160,7 @@ def _result(resp: pb.GenerateResponse) -> GenerateResult:
         prompt_tokens=resp.usage.prompt_tokens,
         completion_tokens=resp.usage.completion_tokens,
         model=resp.model,
+        logprobs=_logprobs(resp.logprobs),
     )
 
 
@@ -140,6 +173,7 @@ def _chunk(resp: pb.GenerateStreamResponse) -> StreamChunk:
         finish_reason=_FINISH_NAMES.get(resp.finish_reason),
         prompt_tokens=resp.usage.prompt_tokens if last else None,
         completion_tokens=resp.usage.completion_tokens if last else None,
+        logprobs=_logprobs(resp.logprobs),
     )
 
 
@@ -276,6 +310,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--presence-penalty", type=float)
+    p.add_argument("--frequency-penalty", type=float)
+    p.add_argument("--logprobs", type=int, help="logprobs of each token and this many alternatives")
+    p.add_argument("--json-schema", help="file with a JSON schema the output must validate against")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,7 +357,18 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "stop": args.stop,
         "priority": args.priority,
         "ignore_eos": args.ignore_eos,
+        "presence_penalty": getattr(args, "presence_penalty", None),
+        "frequency_penalty": getattr(args, "frequency_penalty", None),
+        "logprobs": getattr(args, "logprobs", None),
+        "json_schema": _read_schema(getattr(args, "json_schema", None)),
     }
+
+
+def _read_schema(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def _run_generate(client: AutoGLMClient, args: argparse.Namespace) -> int:

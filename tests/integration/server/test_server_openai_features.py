@@ -368,3 +368,26 @@ def test_unsupported_parameters_are_refused(oai: openai.OpenAI) -> None:
             oai.chat.completions.create(model="tiny", messages=USER, max_tokens=1, **kwargs)  # type: ignore[call-overload]
         body = info.value.body
         assert isinstance(body, dict) and body["param"] == param, body
+
+
+def test_autoglm_client_has_the_same_features(server: ServerProcess) -> None:
+    from autoglm_server.client import AutoGLMClient
+
+    with AutoGLMClient(server.target, timeout=60) as client:
+        result = client.generate(
+            "A person:", json_schema=PERSON, seed=5, max_new_tokens=120, logprobs=2
+        )
+        assert result.finish_reason == "stop"
+        jsonschema.validate(json.loads(result.text), PERSON)
+        assert result.logprobs is not None
+        assert [e.token_id for e in result.logprobs] == result.token_ids
+        assert all(len(e.top) == 2 for e in result.logprobs)
+        chunks = list(
+            client.generate_stream(
+                "Hello", max_new_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0,
+                presence_penalty=1.0, frequency_penalty=0.5, logit_bias={3: -100.0},
+            )
+        )  # fmt: skip
+        ids = [t for c in chunks for t in c.token_ids]
+        assert [e.token_id for c in chunks for e in c.logprobs or []] == ids
+        assert 3 not in ids
