@@ -28,10 +28,19 @@ registers ``gpu-live-<i>`` nodes and plays their kubelet for server pods:
   model there. A source with no local copy stays as it is, so the server fails
   to start as it would on a node without it; SHA-256 files, dtype and batching
   flags reach the server unchanged.
-- **Pod IPs.** Node ``i`` has podCIDR ``127.1.<i+1>.0/24`` (its own address is
-  ``.1``); each pod gets the next free address, written to
-  ``status.podIP(s)``, and its server binds there. EndpointSlices, Prometheus
-  and the Gateway therefore point at addresses that answer.
+- **Pod IPs, on the loopback interface.** Node ``i`` has podCIDR
+  ``198.18.<i+1>.0/24`` (its own address is ``.1``); each pod gets the next free
+  address, written to ``status.podIP(s)``, and its server binds there.
+  EndpointSlices, Prometheus and the Gateway therefore point at addresses that
+  answer. Why not 127.0.0.0/8: EndpointSlice validation (``ValidateEndpointIP``)
+  refuses loopback addresses, so the endpointslice controller could never list
+  such a pod. Instead the agent adds ``198.18.<i+1>.1/24`` to ``lo`` (``ip addr
+  add``; on a loopback device the whole prefix becomes local, exactly like
+  127/8) and removes it when it stops. 198.18.0.0/15 is reserved for
+  benchmarking (RFC 2544) and never routed; traffic to it never leaves the
+  machine. This needs CAP_NET_ADMIN; without it the agent stops with that
+  message (``--pod-network 127.1.0.0/16`` runs anyway, with pods that no
+  Service lists).
 - **Probes** are the pod's own (gRPC health, HTTP GET, TCP; exec is not run and
   counts as success), with initialDelaySeconds, periodSeconds, timeoutSeconds
   and the thresholds honoured; liveness and readiness start once the startup

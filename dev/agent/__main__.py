@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-bin", default=None, help="default: autoglm-server beside python")
     p.add_argument("--models", default=None, help="model root (default: <workdir>/models)")
     p.add_argument("--kubelet-version", default=None)
+    p.add_argument(
+        "--pod-network",
+        default="198.18.0.0/16",
+        help="node i gets its (i+1)-th /24, added to the loopback interface",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -60,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         server_bin=server_bin,
         kubelet_version=version,
         models_root=Path(args.models) if args.models else None,
+        pod_network=args.pod_network,
     )
 
     async def run() -> None:

@@ -27,8 +27,13 @@ LIVE_TAINT_KEY = "autoglm.dev/live"
 LIVE_GPU_PRODUCT = "AutoGLM-Local-CPU"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_RESOURCE = "nvidia.com/gpu"
-# Node i's pods get addresses from 127.1.<i+1>.0/24; .1 is the node itself.
-POD_NETWORK = ipaddress.IPv4Network("127.1.0.0/16")
+# Node i's pods get addresses from 198.18.<i+1>.0/24; .1 is the node itself. The
+# range (RFC 2544, benchmarking; never routed) is put on the loopback interface,
+# so it is as local as 127.0.0.0/8. 127.0.0.0/8 itself can't be used:
+# EndpointSlice validation (ValidateEndpointIP) refuses loopback addresses, so no
+# Service would ever list such a pod.
+POD_NETWORK = ipaddress.IPv4Network("198.18.0.0/16")
+LOOPBACK_NETWORK = ipaddress.IPv4Network("127.0.0.0/8")
 
 # The server image's entrypoint and environment (Dockerfile.server).
 SERVER_ENTRYPOINT = "autoglm-server"
@@ -57,19 +62,32 @@ def live_node_name(index: int) -> str:
     return f"gpu-live-{index}"
 
 
-def compute_pod_cidr(index: int) -> ipaddress.IPv4Network:
-    """Node ``index``'s pod network: 127.1.<index+1>.0/24."""
-    if not 0 <= index < 254:
-        raise ValueError(f"node index: must be 0..253, got {index}")
-    base = int(POD_NETWORK.network_address) + ((index + 1) << 8)
+def compute_pod_cidr(
+    index: int, network: ipaddress.IPv4Network = POD_NETWORK
+) -> ipaddress.IPv4Network:
+    """Node ``index``'s pod network: the (index+1)-th /24 of ``network``."""
+    if not 0 <= index < min(254, network.num_addresses // 256 - 1):
+        raise ValueError(f"node index: must be 0..253 and fit in {network}, got {index}")
+    base = int(network.network_address) + ((index + 1) << 8)
     return ipaddress.IPv4Network((base, 24))
 
 
-def compute_node_ip(index: int) -> str:
-    return str(compute_pod_cidr(index).network_address + 1)
+def compute_node_ip(index: int, network: ipaddress.IPv4Network = POD_NETWORK) -> str:
+    return str(compute_pod_cidr(index, network).network_address + 1)
 
 
-def build_live_node(index: int, gpus: int) -> Manifest:
+def compute_loopback_alias(index: int, network: ipaddress.IPv4Network = POD_NETWORK) -> str | None:
+    """The address to add to the loopback interface so that the node's pod
+    network is local (``ip addr add <it> dev lo``), or None inside 127.0.0.0/8."""
+    cidr = compute_pod_cidr(index, network)
+    if cidr.subnet_of(LOOPBACK_NETWORK):
+        return None
+    return f"{compute_node_ip(index, network)}/{cidr.prefixlen}"
+
+
+def build_live_node(
+    index: int, gpus: int, network: ipaddress.IPv4Network = POD_NETWORK
+) -> Manifest:
     """The Node object of live node ``index`` (metadata and spec; status is patched after)."""
     name = live_node_name(index)
     return {
@@ -88,8 +106,8 @@ def build_live_node(index: int, gpus: int) -> Manifest:
             },
         },
         "spec": {
-            "podCIDR": str(compute_pod_cidr(index)),
-            "podCIDRs": [str(compute_pod_cidr(index))],
+            "podCIDR": str(compute_pod_cidr(index, network)),
+            "podCIDRs": [str(compute_pod_cidr(index, network))],
             "taints": [
                 {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"},
                 {"key": LIVE_TAINT_KEY, "value": "true", "effect": "NoSchedule"},
@@ -98,7 +116,9 @@ def build_live_node(index: int, gpus: int) -> Manifest:
     }
 
 
-def build_node_status(index: int, gpus: int, now: str, version: str) -> Manifest:
+def build_node_status(
+    index: int, gpus: int, now: str, version: str, network: ipaddress.IPv4Network = POD_NETWORK
+) -> Manifest:
     """The node's status: Ready, its address and capacity. The cap on live
     processes is the agent's, across its nodes, not the node's pod capacity."""
     name = live_node_name(index)
@@ -113,7 +133,7 @@ def build_node_status(index: int, gpus: int, now: str, version: str) -> Manifest
         "capacity": capacity,
         "allocatable": capacity,
         "addresses": [
-            {"type": "InternalIP", "address": compute_node_ip(index)},
+            {"type": "InternalIP", "address": compute_node_ip(index, network)},
             {"type": "Hostname", "address": name},
         ],
         "conditions": [

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import ctypes
+import ipaddress
 import logging
 import os
 import shutil
@@ -67,6 +68,19 @@ def _tail_bytes(path: Path, size: int = 16384) -> bytes:
         return b""
 
 
+class AgentError(RuntimeError):
+    """The agent can't run on this machine."""
+
+
+async def _ip(*args: str) -> tuple[int, str]:
+    """Run ``ip`` (iproute2); (exit code, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip", *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    return proc.returncode or 0, err.decode(errors="replace")
+
+
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     workdir: Path
@@ -83,6 +97,11 @@ class AgentConfig:
     server_bin: str = ""
     kubelet_version: str = "v0.0.0"
     models_root: Path | None = None
+    pod_network: str = str(plan.POD_NETWORK)
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.pod_network)
 
     @property
     def indices(self) -> range:
@@ -113,13 +132,42 @@ class NodeAgent:
         self._ips: dict[int, dict[str, str]] = {i: {} for i in config.indices}  # ip -> uid
         self._last_ip: dict[int, str | None] = {i: None for i in config.indices}
         self._tasks: list[asyncio.Task[None]] = []
+        self._aliases: list[str] = []  # loopback addresses this agent added
+
+    async def _add_loopback_alias(self, index: int) -> None:
+        """Make node ``index``'s pod network local: its /24 on the loopback interface."""
+        alias = plan.compute_loopback_alias(index, self.config.network)
+        if alias is None:
+            log.warning(
+                "pod network %s is inside 127.0.0.0/8: EndpointSlices can't list its pods",
+                self.config.network,
+            )
+            return
+        rc, err = await _ip("addr", "add", alias, "dev", "lo")
+        if rc == 0:
+            self._aliases.append(alias)
+        elif "File exists" not in err:
+            raise AgentError(
+                f"can't add {alias} to the loopback interface ({err.strip()}); the agent needs "
+                "CAP_NET_ADMIN, or --pod-network inside 127.0.0.0/8 (then no Service lists the pods)"
+            )
 
     # ---- lifecycle -------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         for sub in ("pods", "logs/pods"):
             (self.config.workdir / sub).mkdir(parents=True, exist_ok=True)
-        await self.register_nodes()
+        for i in self.config.indices:
+            await self._add_loopback_alias(i)
+        for attempt in range(60):
+            try:
+                await self.register_nodes()
+                break
+            except KubeError as exc:
+                if attempt == 59:
+                    raise
+                log.warning("registering the nodes failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
         self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         for i in self.config.indices:
             self._tasks.append(asyncio.create_task(self._watch_node(i), name=f"watch-{i}"))
@@ -138,13 +186,15 @@ class NodeAgent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         workers = list(self.workers.values())
         await asyncio.gather(*(w.stop_for_shutdown() for w in workers), return_exceptions=True)
+        for alias in self._aliases:
+            await _ip("addr", "del", alias, "dev", "lo")
         log.info("node agent stopped (%d pods' processes ended)", len(workers))
 
     # ---- nodes -----------------------------------------------------------------------
 
     async def register_nodes(self) -> None:
         for i in self.config.indices:
-            node = plan.build_live_node(i, self.config.gpus_per_node)
+            node = plan.build_live_node(i, self.config.gpus_per_node, self.config.network)
             name = node["metadata"]["name"]
             created = await self.kube.create("/api/v1/nodes", node)
             if created is None:
@@ -156,11 +206,18 @@ class NodeAgent:
                     },
                 )
             await self._patch_node_status(i)
-            await self._renew_lease(i)
+            try:
+                await self._renew_lease(i)
+            except KubeError as exc:  # the heartbeat retries
+                log.warning("lease of %s not written yet: %s", name, exc)
 
     async def _patch_node_status(self, index: int) -> None:
         status = plan.build_node_status(
-            index, self.config.gpus_per_node, rfc3339(), self.config.kubelet_version
+            index,
+            self.config.gpus_per_node,
+            rfc3339(),
+            self.config.kubelet_version,
+            self.config.network,
         )
         await self.kube.merge_patch(
             f"/api/v1/nodes/{plan.live_node_name(index)}/status", {"status": status}
@@ -255,7 +312,7 @@ class NodeAgent:
 
     def allocate_ip(self, index: int, uid: str, existing: str | None) -> str:
         ips = self._ips[index]
-        cidr = plan.compute_pod_cidr(index)
+        cidr = plan.compute_pod_cidr(index, self.config.network)
         if (
             existing
             and existing in [str(h) for h in cidr.hosts()]
@@ -499,7 +556,7 @@ class PodWorker:
             phase = "Running"
         return PodView(
             phase=phase,
-            host_ip=plan.compute_node_ip(self.node_index),
+            host_ip=plan.compute_node_ip(self.node_index, self.agent.config.network),
             pod_ip=self.ip,
             start_time=self.start_time,
             containers=views,

@@ -1,6 +1,6 @@
 """The node agent on its own: a second agent with a cap of one process.
 
-It takes node ``gpu-live-5`` (podCIDR 127.1.6.0/24) beside the session's
+It takes node ``gpu-live-5`` (podCIDR 198.18.6.0/24) beside the session's
 agent, runs bare pods bound to that node, and is stopped at the end, which
 must leave no process of its pods behind.
 """

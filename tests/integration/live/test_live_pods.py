@@ -23,6 +23,7 @@ from live_helpers import (
 )
 
 from autoglm_dev.agent import compute_pod_cidr
+from autoglm_dev.agent.plan import compute_node_ip
 from autoglm_dev.cluster import LocalCluster
 from autoglm_server.client import AutoGLMClient
 
@@ -92,7 +93,7 @@ def test_pods_serve_grpc_and_openai_at_their_endpointslice_addresses(
         assert st["phase"] == "Running"
         assert ipaddress.IPv4Address(st["podIP"]) in LIVE_CIDR
         assert st["podIPs"] == [{"ip": st["podIP"]}]
-        assert st["hostIP"] == "127.1.1.1"
+        assert st["hostIP"] == compute_node_ip(0)
         cs = container_status(pod)
         assert cs["ready"] is True and cs["started"] is True and cs["restartCount"] == 0
         ips.append(st["podIP"])

@@ -36,31 +36,37 @@ def ctx(tmp_path: Path) -> plan.NodeContext:
 # ---- nodes and IPs --------------------------------------------------------------------
 
 
-def test_pod_cidrs_are_loopback_and_distinct() -> None:
+def test_pod_cidrs_are_distinct_and_not_loopback_addresses() -> None:
     cidrs = [plan.compute_pod_cidr(i) for i in range(4)]
     assert [str(c) for c in cidrs] == [
-        "127.1.1.0/24",
-        "127.1.2.0/24",
-        "127.1.3.0/24",
-        "127.1.4.0/24",
+        "198.18.1.0/24",
+        "198.18.2.0/24",
+        "198.18.3.0/24",
+        "198.18.4.0/24",
     ]
-    assert all(c.subnet_of(ipaddress.IPv4Network("127.0.0.0/8")) for c in cidrs)
-    assert plan.compute_node_ip(0) == "127.1.1.1"
+    # EndpointSlices refuse loopback addresses (ValidateEndpointIP): the pod
+    # network is put on the loopback interface instead of living in 127/8.
+    assert not any(c.subnet_of(ipaddress.IPv4Network("127.0.0.0/8")) for c in cidrs)
+    assert plan.compute_node_ip(0) == "198.18.1.1"
+    assert plan.compute_loopback_alias(0) == "198.18.1.1/24"
     with pytest.raises(ValueError, match="node index"):
         plan.compute_pod_cidr(254)
+    inside = ipaddress.IPv4Network("127.1.0.0/16")
+    assert str(plan.compute_pod_cidr(2, inside)) == "127.1.3.0/24"
+    assert plan.compute_loopback_alias(2, inside) is None
 
 
 def test_live_node_is_tainted_and_labelled() -> None:
     node = plan.build_live_node(1, gpus=8)
     assert node["metadata"]["name"] == "gpu-live-1"
     assert node["metadata"]["labels"][plan.GPU_PRODUCT_LABEL] == plan.LIVE_GPU_PRODUCT
-    assert node["spec"]["podCIDR"] == "127.1.2.0/24"
+    assert node["spec"]["podCIDR"] == "198.18.2.0/24"
     assert {"key": plan.LIVE_TAINT_KEY, "value": "true", "effect": "NoSchedule"} in node["spec"][
         "taints"
     ]
     status = plan.build_node_status(1, 8, NOW, "v1.36.3")
     assert status["capacity"][plan.GPU_RESOURCE] == "8"
-    assert {"type": "InternalIP", "address": "127.1.2.1"} in status["addresses"]
+    assert {"type": "InternalIP", "address": "198.18.2.1"} in status["addresses"]
     assert [c["status"] for c in status["conditions"] if c["type"] == "Ready"] == ["True"]
 
 
@@ -74,12 +80,12 @@ def test_live_placement_passes_the_operator_spec() -> None:
 
 def test_ip_allocation_round_robin_skips_used_and_node_address() -> None:
     cidr = plan.compute_pod_cidr(0)
-    assert plan.allocate_pod_ip(cidr, [], None) == "127.1.1.2"
-    assert plan.allocate_pod_ip(cidr, ["127.1.1.2"], None) == "127.1.1.3"
+    assert plan.allocate_pod_ip(cidr, [], None) == "198.18.1.2"
+    assert plan.allocate_pod_ip(cidr, ["198.18.1.2"], None) == "198.18.1.3"
     # After .3 was handed out and .2 freed, the next is .4, not the freed .2.
-    assert plan.allocate_pod_ip(cidr, ["127.1.1.3"], "127.1.1.3") == "127.1.1.4"
+    assert plan.allocate_pod_ip(cidr, ["198.18.1.3"], "198.18.1.3") == "198.18.1.4"
     # Wraps around at the end of the range.
-    assert plan.allocate_pod_ip(cidr, [], "127.1.1.254") == "127.1.1.2"
+    assert plan.allocate_pod_ip(cidr, [], "198.18.1.254") == "198.18.1.2"
     full = [str(h) for h in cidr.hosts()]
     with pytest.raises(plan.ContainerConfigError, match="no free pod IP"):
         plan.allocate_pod_ip(cidr, full, None)
@@ -104,7 +110,7 @@ def plan_for(pod: dict[str, Any], tmp_path: Path) -> plan.ProcessPlan:
     volumes = {v.name: v for v in plan.plan_volumes(pod, tmp_path / "pod", tmp_path / "models")}
     mounts = plan.compute_mounts(container, volumes)
     return plan.plan_process(
-        container, "127.1.1.7", mounts, tmp_path / "home", ctx(tmp_path / "models")
+        container, "198.18.1.7", mounts, tmp_path / "home", ctx(tmp_path / "models")
     )
 
 
@@ -125,7 +131,7 @@ def test_process_keeps_the_operators_env_and_substitutes_the_documented_few(tmp_
     assert env["AUTOGLM_MAX_BATCH_TOKENS"] == "64"
     assert env["AUTOGLM_GRPC_PORT"] == "8001"
     # Substituted.
-    assert env["AUTOGLM_HOST"] == "127.1.1.7"
+    assert env["AUTOGLM_HOST"] == "198.18.1.7"
     assert env["AUTOGLM_DEVICE"] == "cpu"
     assert env["AUTOGLM_MODEL"] == str(tmp_path / "models" / "hf" / "org" / "tiny")
     assert env["HF_HOME"] == str(tmp_path / "pod" / "volumes" / "hf-cache")
@@ -160,15 +166,15 @@ def test_digest_file_and_pvc_paths_map_to_volume_dirs(tmp_path: Path) -> None:
 
 def test_command_args_and_refusals(tmp_path: Path) -> None:
     container = {"name": "c", "command": ["/opt/autoglm/bin/autoglm-server", "--x"], "args": ["1"]}
-    p = plan.plan_process(container, "127.1.1.2", [], tmp_path, ctx(tmp_path))
+    p = plan.plan_process(container, "198.18.1.2", [], tmp_path, ctx(tmp_path))
     assert p.argv == ("/venv/bin/autoglm-server", "--x", "1")
     with pytest.raises(plan.ContainerConfigError, match="only the autoglm-server entrypoint"):
         plan.plan_process(
-            {"name": "c", "command": ["sh"]}, "127.1.1.2", [], tmp_path, ctx(tmp_path)
+            {"name": "c", "command": ["sh"]}, "198.18.1.2", [], tmp_path, ctx(tmp_path)
         )
     env_from = {"name": "c", "env": [{"name": "A", "valueFrom": {"secretKeyRef": {}}}]}
     with pytest.raises(plan.ContainerConfigError, match="env A: valueFrom"):
-        plan.plan_process(env_from, "127.1.1.2", [], tmp_path, ctx(tmp_path))
+        plan.plan_process(env_from, "198.18.1.2", [], tmp_path, ctx(tmp_path))
     with pytest.raises(plan.ContainerConfigError, match="hostPath"):
         plan.plan_volumes(
             {"spec": {"volumes": [{"name": "h", "hostPath": {"path": "/"}}]}}, tmp_path, tmp_path
@@ -205,8 +211,8 @@ def test_termination_message_is_the_log_tail() -> None:
 def test_probes_from_the_operator_pod() -> None:
     pod = operator_pod({"model": {"source": "hf://a/b"}})
     c = pod["spec"]["containers"][0]
-    startup = plan.plan_probe(c["startupProbe"], c, "127.1.1.2")
-    ready = plan.plan_probe(c["readinessProbe"], c, "127.1.1.2")
+    startup = plan.plan_probe(c["startupProbe"], c, "198.18.1.2")
+    ready = plan.plan_probe(c["readinessProbe"], c, "198.18.1.2")
     assert startup is not None and ready is not None
     assert (startup.kind, startup.port, startup.period_s, startup.failure_threshold) == (
         "grpc",
@@ -215,9 +221,9 @@ def test_probes_from_the_operator_pod() -> None:
         180,
     )
     assert (ready.service, ready.period_s, ready.timeout_s) == ("autoglm.v1.AutoGLM", 5, 5)
-    http = plan.plan_probe({"httpGet": {"port": "http", "path": "/readyz"}}, c, "127.1.1.2")
+    http = plan.plan_probe({"httpGet": {"port": "http", "path": "/readyz"}}, c, "198.18.1.2")
     assert http is not None and (http.kind, http.port, http.timeout_s) == ("http", 8000, 1)
-    assert plan.plan_probe(None, c, "127.1.1.2") is None
+    assert plan.plan_probe(None, c, "198.18.1.2") is None
 
 
 # ---- status -----------------------------------------------------------------------------------
@@ -226,8 +232,8 @@ def test_probes_from_the_operator_pod() -> None:
 def view(ready: bool, state: dict[str, Any], restarts: int = 0) -> plan.PodView:
     return plan.PodView(
         phase="Running",
-        host_ip="127.1.1.1",
-        pod_ip="127.1.1.2",
+        host_ip="198.18.1.1",
+        pod_ip="198.18.1.2",
         start_time=NOW,
         containers=(
             plan.ContainerView(
@@ -246,7 +252,7 @@ def test_status_keeps_foreign_conditions_and_transition_times() -> None:
     assert conds["PodScheduled"] == scheduled
     assert conds["Ready"]["status"] == "False"
     assert conds["Ready"]["message"] == "containers with unready status: [server]"
-    assert first["podIP"] == "127.1.1.2" and first["podIPs"] == [{"ip": "127.1.1.2"}]
+    assert first["podIP"] == "198.18.1.2" and first["podIPs"] == [{"ip": "198.18.1.2"}]
     # Nothing changed: an equal status, so nothing is written.
     again = plan.build_pod_status(first, view(False, {"running": {"startedAt": NOW}}), LATER)
     assert again == first
@@ -263,8 +269,8 @@ def test_crash_loop_status() -> None:
     last = {"terminated": {"exitCode": 2, "reason": "Error", "message": "model load failed"}}
     v = plan.PodView(
         phase="Running",
-        host_ip="127.1.1.1",
-        pod_ip="127.1.1.2",
+        host_ip="198.18.1.1",
+        pod_ip="198.18.1.2",
         start_time=NOW,
         containers=(
             plan.ContainerView(
