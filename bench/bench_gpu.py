@@ -8,11 +8,20 @@ One run, on one CUDA device:
    vocabulary, and saves it to a scratch directory so the server loads it
    through the real loader;
 2. **engine**: the engine alone (``LLMEngine`` in this process, no gRPC):
-   64 requests of 512 random prompt tokens and exactly 128 new tokens;
-3. **server**: ``autoglm-server`` as a process, driven over gRPC streaming at
-   concurrency 1, 8 and 64 with the same prompt and output lengths
-   (``bench_serving``'s load generator);
-4. prints one JSON line and writes it to ``--out`` with the device, commit,
+   64 requests of 512 random prompt tokens and exactly 128 new tokens; its
+   start-up is the *cold* warm-up (empty ``--compile-cache-dir``); then
+   ``prefill``: 64 x 512-token prompts with one output token each (the
+   prefill of 64 x 512 tokens, scheduling included); and with
+   ``--prefix-workload`` the shared-prefix workload "prefix-256" (256
+   requests sharing a 1,024-token system prompt + 64 random tokens, 128 new
+   tokens, all at once) with prefix caching off, then on (the same engine,
+   its block manager switched between runs);
+3. **server**: ``autoglm-server`` as a process (the *warm* start: same compile
+   cache), driven over gRPC streaming at concurrency 1, 8, 64 and 256 with the
+   same prompt and output lengths (``bench_serving``'s load generator);
+4. with ``--long-context``: an engine with ``max_model_len`` 131072 serving
+   one 32K-token prompt (does it start, and how long the prompt takes);
+5. prints one JSON line and writes it to ``--out`` with the device, commit,
    workload and configuration; ``server_over_engine`` is the fraction of the
    engine's own throughput the gRPC server delivers at concurrency 64.
 
@@ -104,33 +113,29 @@ def build_model(shape: str, out: Path, device: str) -> Path:
     return out
 
 
-async def engine_throughput(
-    model: Path, device: str, requests: int, prompt_len: int, new_tokens: int
-) -> dict[str, Any]:
-    from autoglm_server.engine.api import GenerationRequest, SamplingParams
+def _engine_config(model: Path, device: str, max_len: int, slots: int, cache: str) -> Any:
     from autoglm_server.engine.config import BatchingConfig, EngineConfig
-    from autoglm_server.engine.engine import build_engine
 
-    engine = build_engine(
-        EngineConfig(
-            model=str(model),
-            dtype="bfloat16",
-            device=device,
-            max_model_len=prompt_len + new_tokens + 64,
-            batching=BatchingConfig(max_batch_size=requests, max_batch_tokens=8192),
-        )
+    return EngineConfig(
+        model=str(model),
+        dtype="bfloat16",
+        device=device,
+        max_model_len=max_len,
+        batching=BatchingConfig(max_batch_size=slots, max_batch_tokens=8192, max_queue_length=4096),
+        compile_cache_dir=cache,
     )
-    await engine.start()
-    rng = random.Random(0)
-    vocab = engine.model_info.vocab_size
+
+
+async def _run_batch(
+    engine: Any, prompts: list[list[int]], new_tokens: int, tag: str
+) -> dict[str, Any]:
+    """All prompts at once; output tok/s, TTFT p50/p99, wall time."""
+    from autoglm_server.engine.api import GenerationRequest, SamplingParams
+
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
-    async def one(i: int) -> tuple[int, float | None]:
-        req = GenerationRequest(
-            request_id=f"b{i}",
-            prompt_token_ids=[rng.randrange(3, vocab) for _ in range(prompt_len)],
-            params=params,
-        )
+    async def one(i: int, prompt: list[int]) -> tuple[int, float | None]:
+        req = GenerationRequest(request_id=f"{tag}{i}", prompt_token_ids=prompt, params=params)
         start = time.perf_counter()
         first: float | None = None
         n = 0
@@ -140,22 +145,91 @@ async def engine_throughput(
             n += len(delta.token_ids)
         return n, first
 
-    try:
-        await asyncio.gather(*(one(-i - 1) for i in range(8)))  # warm-up
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(i) for i in range(requests)))
-        elapsed = time.perf_counter() - start
-    finally:
-        await engine.shutdown(grace_s=1)
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    elapsed = time.perf_counter() - start
     tokens = sum(n for n, _ in results)
     ttfts = sorted(t for _, t in results if t is not None)
     return {
-        "requests": requests,
+        "requests": len(prompts),
         "output_tokens": tokens,
         "duration_s": elapsed,
         "output_tok_per_s": tokens / elapsed,
         "ttft_p50_s": ttfts[len(ttfts) // 2],
+        "ttft_p99_s": ttfts[min(len(ttfts) - 1, (len(ttfts) * 99) // 100)],
     }
+
+
+async def engine_throughput(
+    model: Path,
+    device: str,
+    requests: int,
+    prompt_len: int,
+    new_tokens: int,
+    *,
+    slots: int,
+    cache: str,
+    prefix_workload: bool,
+) -> dict[str, Any]:
+    from autoglm_server.engine.engine import build_engine
+
+    max_len = max(prompt_len, 1024 + 64) + new_tokens + 64
+    engine = build_engine(_engine_config(model, device, max_len, slots, cache))
+    t0 = time.perf_counter()
+    await engine.start()
+    start_s = time.perf_counter() - t0
+    rng = random.Random(0)
+    vocab = engine.model_info.vocab_size
+
+    def prompt(n: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    out: dict[str, Any] = {"start_s": start_s, "warmup_s": engine._runner.warmup_s}
+    try:
+        await _run_batch(engine, [prompt(prompt_len) for _ in range(8)], 8, "w")  # warm-up
+        out.update(
+            await _run_batch(engine, [prompt(prompt_len) for _ in range(requests)], new_tokens, "b")
+        )
+        prefill = await _run_batch(engine, [prompt(prompt_len) for _ in range(64)], 1, "p")
+        out["prefill_64x512_s"] = prefill["duration_s"]
+        if prefix_workload:
+            system = prompt(1024)
+            blocks = engine._scheduler.blocks
+            for mode in ("off", "on"):
+                blocks.reset_prefix_cache()
+                blocks.prefix_caching = mode == "on"
+                before = (blocks.stats.queried_tokens, blocks.stats.hit_tokens)
+                prompts = [system + prompt(64) for _ in range(256)]
+                result = await _run_batch(engine, prompts, new_tokens, f"x{mode}")
+                queried = blocks.stats.queried_tokens - before[0]
+                result["hit_rate"] = (blocks.stats.hit_tokens - before[1]) / max(1, queried)
+                out[f"prefix_256_{mode}"] = result
+            blocks.prefix_caching = True
+        out["preemptions"] = engine._scheduler.num_preemptions
+        out["num_kv_blocks"] = engine._runner.num_blocks
+    finally:
+        await engine.shutdown(grace_s=1)
+    return out
+
+
+async def long_context(model: Path, device: str, cache: str, prompt_len: int) -> dict[str, Any]:
+    """GLM-4-9B shape with max_model_len 131072: starts on one GPU, serves a 32K prompt."""
+    from autoglm_server.engine.engine import build_engine
+
+    engine = build_engine(_engine_config(model, device, 131072, 64, cache))
+    t0 = time.perf_counter()
+    await engine.start()
+    start_s = time.perf_counter() - t0
+    rng = random.Random(1)
+    vocab = engine.model_info.vocab_size
+    try:
+        result = await _run_batch(
+            engine, [[rng.randrange(3, vocab) for _ in range(prompt_len)]], 16, "long"
+        )
+        kv_tokens = engine._runner.num_blocks * engine._runner.block_size
+    finally:
+        await engine.shutdown(grace_s=1)
+    return {"start_s": start_s, "prompt_len": prompt_len, "kv_cache_tokens": kv_tokens, **result}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="glm9b")
-    parser.add_argument("--concurrency", default="1,8,64")
+    parser.add_argument("--concurrency", default="1,8,64,256")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--requests-per-slot", type=int, default=2)
@@ -174,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         "--scratch", default=None, help="where the model is written (default: a temp dir)"
     )
     parser.add_argument("--out", default=str(bench_serving.ROOT / "bench" / "results"))
+    parser.add_argument(
+        "--compile-cache-dir", default=None, help="torch.compile cache (default: a new temp dir)"
+    )
+    parser.add_argument("--prefix-workload", action="store_true", help="also run prefix-256")
+    parser.add_argument("--long-context", action="store_true", help="also the 128K-context check")
+    parser.add_argument("--engine-requests", type=int, default=64)
     args = parser.parse_args(argv)
 
     import torch
@@ -186,21 +266,34 @@ def main(argv: list[str] | None = None) -> int:
 
     levels = [int(c) for c in args.concurrency.split(",")]
     top = max(levels)
+    cache = args.compile_cache_dir or tempfile.mkdtemp(prefix="autoglm-compile-")
     engine = asyncio.run(
-        engine_throughput(model, args.device, top, args.prompt_len, args.max_new_tokens)
+        engine_throughput(
+            model,
+            args.device,
+            args.engine_requests,
+            args.prompt_len,
+            args.max_new_tokens,
+            slots=max(top, 256 if args.prefix_workload else top),
+            cache=cache,
+            prefix_workload=args.prefix_workload,
+        )
     )
-    print(f"engine: {engine['output_tok_per_s']:.0f} tok/s", flush=True)
+    print(f"engine: {json.dumps(engine)}", flush=True)
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
 
     server_args = ["--device", args.device, "--dtype", "bfloat16", "--max-model-len", str(args.prompt_len + args.max_new_tokens + 64),
-                   "--max-batch-size", str(top)]  # fmt: skip
+                   "--max-batch-size", str(top), "--compile-cache-dir", cache]  # fmt: skip
     sweep: dict[str, Any] = {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # The server's log goes next to the results, so a failed start can be read.
+    t0 = time.perf_counter()
     with bench_serving.serving(model, server_args, out.resolve(), f"server-{args.shape}") as target:
+        server_start_s = time.perf_counter() - t0
+        print(f"server ready in {server_start_s:.1f}s (warm compile cache)", flush=True)
         for c in levels:
             spec = bench_serving.LoadSpec(
                 concurrency=c,
@@ -209,8 +302,14 @@ def main(argv: list[str] | None = None) -> int:
                 max_new_tokens=args.max_new_tokens,
             )
             sweep[str(c)] = asyncio.run(bench_serving._measure(target, spec, warmup=min(c, 8)))
-            print(f"server c={c}: {sweep[str(c)]['output_tok_per_s']:.0f} tok/s", flush=True)
+            print(f"server c={c}: {json.dumps(sweep[str(c)])}", flush=True)
         info = bench_serving._model_info(target)
+
+    long: dict[str, Any] | None = None
+    if args.long_context:
+        gc.collect()
+        long = asyncio.run(long_context(model, args.device, cache, 32768))
+        print(f"long context: {json.dumps(long)}", flush=True)
 
     result = {
         "benchmark": "bench_gpu",
@@ -227,7 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"server_args": server_args, "requests_per_slot": args.requests_per_slot},
         "engine": engine,
         "sweep": sweep,
-        "server_over_engine": sweep[str(top)]["output_tok_per_s"] / engine["output_tok_per_s"],
+        "server_over_engine": sweep[str(args.engine_requests)]["output_tok_per_s"]
+        / engine["output_tok_per_s"]
+        if str(args.engine_requests) in sweep
+        else None,
+        "warmup": {
+            "engine_start_cold_s": engine["start_s"],
+            "server_start_warm_s": server_start_s,
+        },
+        "long_context": long,
         "model_build_s": build_s,
     }
     line = json.dumps(result)

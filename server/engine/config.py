@@ -65,7 +65,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # None: from free memory (CUDA) or slots x max_model_len
     prefix_caching: bool = True  # reuse the KV of shared prompt prefixes
     attention_backend: str = "auto"  # auto | portable | triton
-    compile: bool | None = None  # torch.compile of the decoder; None: on for CUDA
+    compile: bool = True  # torch.compile of the decoder (CUDA only; ignored on CPU)
     compile_cache_dir: str | None = None  # where compiled kernels persist across restarts
 
     def __post_init__(self) -> None:

@@ -145,6 +145,7 @@ class ModelRunner:
             num_slots, self.max_blocks_per_seq, dtype=torch.int32, device=device
         )
         self._tables: list[list[int]] = [[] for _ in range(num_slots)]
+        self._hidden_fn: Any = self._hidden
 
         if num_blocks is None:
             if device.type == "cuda":
@@ -182,13 +183,13 @@ class ModelRunner:
         )
         self.sampler = Sampler(num_slots, self.vocab_size, device)
 
-        if compile is None:
-            compile = device.type == "cuda" and self._split
-        if compile and not self._split:
-            raise ValueError(f"compile: not supported for {type(model).__name__}")
-        self.compiled = bool(compile)
-        self._hidden_fn: Any = self._hidden
+        # torch.compile runs on CUDA only (on CPU it would only slow the start down).
+        want_compile = device.type == "cuda" and (compile is None or compile)
+        if want_compile and not self._split:
+            logger.info("not compiling %s: only its eager path is supported", type(model).__name__)
+        self.compiled = want_compile and self._split
         if self.compiled:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
             if compile_cache_dir:
                 os.makedirs(compile_cache_dir, exist_ok=True)
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache_dir)

@@ -71,17 +71,26 @@ def drive(
     budget: int = 8192,
     num_blocks: int | None = None,
     max_batch: int = 8,
+    stagger: bool = False,
 ) -> tuple[dict[str, list[int]], Scheduler]:
-    """Greedy generation through the real scheduler (prefix cache on)."""
+    """Greedy generation through the real scheduler (prefix cache on).
+
+    ``stagger``: a request is added only when none is waiting, so later
+    prompts find the full blocks of earlier ones in the prefix cache.
+    """
     blocks = BlockManager(num_blocks or runner.num_blocks, runner.block_size)
     config = BatchingConfig(max_batch_size=max_batch, max_batch_tokens=budget)
     sched = Scheduler(config, runner.max_model_len, blocks=blocks)
     params = SamplingParams(max_new_tokens=max_new, temperature=0.0, ignore_eos=True)
     outputs: dict[str, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        sched.add_request(GenerationRequest(str(i), prompt, params, arrival_time=1.0 + i))
-        outputs[str(i)] = []
-    while sched.has_unfinished():
+    pending = list(enumerate(prompts))
+    while pending or sched.has_unfinished():
+        while pending and not (stagger and sched.num_waiting):
+            i, prompt = pending.pop(0)
+            sched.add_request(GenerationRequest(str(i), prompt, params, arrival_time=1.0 + i))
+            outputs[str(i)] = []
+            if stagger:
+                break
         step = sched.schedule()
         result = runner.execute(step)
         for out in sched.update(step, result):
@@ -106,10 +115,12 @@ def test_fast_path_greedy_equals_portable(model_dir: Path) -> None:
     portable = make_runner(model_dir, fast=False)
     assert fast.graphs.graphs, "no decode graph was captured"
     expected, _ = drive(portable, PROMPTS, 40, max_batch=1)  # one at a time, no prefix hits
-    batched, sched = drive(fast, PROMPTS, 40)
+    batched, _ = drive(fast, PROMPTS, 40)
     assert batched == expected
+    staggered, sched = drive(fast, PROMPTS, 40, stagger=True)
     assert sched.blocks.stats.hit_tokens > 0
-    # Chunks of 7 tokens; a pool of 9 blocks forces preemption by recompute.
+    assert staggered == expected
+    # Chunks of 8 tokens; a pool of 9 blocks forces preemption by recompute.
     squeezed, sched = drive(fast, PROMPTS, 40, budget=8, num_blocks=10)
     assert sched.num_preemptions > 0
     assert squeezed == expected
@@ -204,28 +215,34 @@ def test_flash_prefill_with_prefix_matches_portable() -> None:
     assert err < 1e-2, err
 
 
-def test_compiled_bf16_logits_close_to_fp32_reference(model_dir: Path) -> None:
-    fast = make_runner(model_dir, fast=True, dtype=torch.bfloat16)
+def last_logits(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[Any]:
     seen: list[Any] = []
-    original = fast._sample
+    original = runner._sample
 
     def spy(logits: Any, rows: Any, slots: Any) -> Any:
         seen.append(logits.clone())
         return original(logits, rows, slots)
 
-    fast._sample = spy  # type: ignore[method-assign]
-    outputs, _ = drive(fast, PROMPTS[:3], 4)
-    reference = load(model_dir, torch.float32)
-    with torch.no_grad():
-        for i, prompt in enumerate(PROMPTS[:3]):
-            ids = torch.tensor([prompt + outputs[str(i)][:-1]], device=CUDA)
-            ref = reference(ids).logits[0, -1]
-            got = seen[-1][i]
-            err = (got - ref).norm() / ref.norm()
-            assert err < 3e-2, err
+    runner._sample = spy  # type: ignore[method-assign]
+    drive(runner, prompts, steps)
+    runner._sample = original  # type: ignore[method-assign]
+    return seen
 
 
-def test_engine_on_cuda_end_to_end(model_dir: Path) -> None:
+def test_compiled_bf16_logits_as_close_to_fp32_as_eager_bf16(model_dir: Path) -> None:
+    """Fusion changes rounding, not accuracy: against a float32 reference, the fast
+    path's bf16 logits are about as close as the eager portable path's."""
+    fast = last_logits(make_runner(model_dir, fast=True, dtype=torch.bfloat16), PROMPTS, 6)
+    eager = last_logits(make_runner(model_dir, fast=False, dtype=torch.bfloat16), PROMPTS, 6)
+    ref = last_logits(make_runner(model_dir, fast=False, dtype=torch.float32), PROMPTS, 6)
+    for step, (f, e, r) in enumerate(zip(fast, eager, ref, strict=True)):
+        err_fast = ((f - r).norm() / r.norm()).item()
+        err_eager = ((e - r).norm() / r.norm()).item()
+        assert err_fast < 1.5 * err_eager + 1e-3, (step, err_fast, err_eager)
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_engine_on_cuda_end_to_end(model_dir: Path, prefix_caching: bool) -> None:
     """Engine with defaults on CUDA (fast path), float32, against HF generate."""
     import asyncio
 
@@ -239,6 +256,7 @@ def test_engine_on_cuda_end_to_end(model_dir: Path) -> None:
             dtype="float32",
             max_model_len=256,
             batching=BatchingConfig(max_batch_size=8),
+            prefix_caching=prefix_caching,
         )
         engine = build_engine(cfg)
         await engine.start()
