@@ -1,7 +1,8 @@
 """``autoglm-dev``: the local control plane and the demo.
 
-autoglm-dev cluster build            build the pinned binaries into the cache
+autoglm-dev cluster build            build the pinned binaries (and the add-ons') into the cache
 autoglm-dev cluster up [--nodes N]   start it (idempotent) and print KUBECONFIG
+        [--addons]                   with Prometheus, prometheus-adapter, Gateway API + Traefik
 autoglm-dev cluster status           one line per component; exit 1 if any is down
 autoglm-dev cluster down             stop every process it started
 autoglm-dev kubectl ARGS...          kubectl against the local cluster
@@ -18,7 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-from .binaries import ALL_BINARIES, bin_dir, build_binaries, ensure_binaries, find_binary
+from .binaries import (
+    ADDON_BINARIES,
+    ALL_BINARIES,
+    build_binaries,
+    cache_root,
+    ensure_binaries,
+    find_binary,
+)
 from .cluster import ClusterError, LocalCluster, default_workdir
 from .waiting import WaitTimeout
 
@@ -35,13 +43,14 @@ def _cluster(args: argparse.Namespace) -> LocalCluster:
 
 def cmd_build(args: argparse.Namespace) -> int:
     start = time.monotonic()
-    missing = tuple(n for n in ALL_BINARIES if find_binary(n) is None)
+    names = ALL_BINARIES if args.no_addons else (*ALL_BINARIES, *ADDON_BINARIES)
+    missing = tuple(n for n in names if find_binary(n) is None)
     if missing:
-        print(f"building {', '.join(missing)} into {bin_dir()} ...", flush=True)
+        print(f"building {', '.join(missing)} into {cache_root() / 'bin'} ...", flush=True)
         timings = build_binaries(missing)
         for step, secs in timings.items():
             print(f"  {step}: {secs:.0f}s")
-    for name in ALL_BINARIES:
+    for name in names:
         found = find_binary(name)
         print(f"{name:26s} {found.path if found else 'MISSING'} ({found.source if found else '-'})")
     print(f"done in {time.monotonic() - start:.1f}s")
@@ -51,15 +60,26 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     start = time.monotonic()
-    ensure_binaries()
+    ensure_binaries((*ALL_BINARIES, *ADDON_BINARIES) if args.addons else ALL_BINARIES)
     built = time.monotonic()
     try:
         state = cluster.start()
+        if args.addons:
+            cluster.start_addons()  # when the cluster ran already without them
     except ClusterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     now = time.monotonic()
     print(f"control plane up: {state.server} ({args.nodes} GPU nodes)")
+    if args.addons:
+        from .addons import ADDONS_NAMESPACE, GATEWAY_NAME, endpoints
+
+        running = cluster.load_state()
+        assert running is not None
+        ends = endpoints(running)
+        print(f"Prometheus: {ends.prometheus}")
+        print(f"Gateway {ADDONS_NAMESPACE}/{GATEWAY_NAME} (Traefik): {ends.gateway}")
+        print("custom metrics: kubectl get --raw /apis/custom.metrics.k8s.io/v1beta1")
     print(f"binaries ready in {built - start:.1f}s, cluster started in {now - built:.1f}s")
     print(f"export KUBECONFIG={state.kubeconfig}")
     return 0
@@ -125,10 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster = sub.add_parser("cluster", help="the local control plane")
     csub = cluster.add_subparsers(dest="action", required=True)
-    csub.add_parser("build", help="build the pinned binaries").set_defaults(func=cmd_build)
+    build = csub.add_parser("build", help="build the pinned binaries")
+    build.add_argument(
+        "--no-addons",
+        action="store_true",
+        help="only the control plane (not Prometheus, prometheus-adapter, Traefik)",
+    )
+    build.set_defaults(func=cmd_build)
     up = csub.add_parser("up", help="start the control plane and GPU nodes")
     up.add_argument("--nodes", type=int, default=4, help="kwok GPU nodes to create")
     up.add_argument("--gpus", type=int, default=8, help="nvidia.com/gpu per node")
+    up.add_argument(
+        "--addons",
+        action="store_true",
+        help="also Prometheus, prometheus-adapter, Gateway API CRDs and Traefik (a Gateway)",
+    )
     up.add_argument(
         "--live-nodes",
         type=int,

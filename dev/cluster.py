@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .binaries import ensure_binaries
-from .pki import PKIPaths, pki_paths, write_pki
+from .pki import PKIPaths, aggregation_layer_args, pki_paths, write_pki
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ COMPONENTS = (
     "kube-scheduler",
     "kwok",
     "agent",  # the node agent of the live nodes (autoglm_dev.agent), when asked for
+    # The add-ons (autoglm_dev.addons), when asked for.
+    "prometheus",
+    "prometheus-adapter",
+    "traefik",
 )
 # Seconds from SIGTERM to SIGKILL. The apiserver's HTTP server waits up to 60 s
 # for requests still open (watches that the grace period below did not close).
@@ -177,8 +181,11 @@ class LocalCluster:
         die_with_parent: bool = False,
         live_nodes: int = 0,
         max_processes: int = 6,
+        addons: bool = False,
     ) -> None:
         self.workdir = workdir
+        # Prometheus, prometheus-adapter, Gateway API + Traefik (autoglm_dev.addons).
+        self.addons = addons
         self.nodes = nodes
         # Nodes whose pods really run (autoglm_dev.agent), beside kwok's simulated ones.
         self.live_nodes = live_nodes
@@ -289,6 +296,10 @@ class LocalCluster:
             self.apply_nodes(self.nodes)
             self._wait("kwok", self._nodes_ready, deadline)
             self._wait("kube-controller-manager", self._default_sa_ready, deadline)
+            if self.addons:
+                from .addons import start_addons
+
+                start_addons(self, state, pki)
         except BaseException:
             self.stop()
             raise
@@ -309,6 +320,17 @@ class LocalCluster:
         self.live_nodes = live_nodes
         self._spawn("agent", Path(sys.executable), self._agent_args(), state)
         self._wait("agent", self._nodes_ready, time.monotonic() + timeout_s)
+
+    def start_addons(self) -> None:
+        """Start the add-ons (autoglm_dev.addons) on a running cluster, unless
+        they run already; returns when they serve."""
+        from .addons import start_addons
+
+        state = self.load_state()
+        if state is None:
+            raise ClusterError("the control plane is not running")
+        start_addons(self, state, pki_paths(self.workdir / "pki"))
+        self.addons = True
 
     def stop_apiserver(self) -> None:
         """Stop the kube-apiserver alone, as an outage would (fault tests); the
@@ -540,6 +562,7 @@ class LocalCluster:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
+            *aggregation_layer_args(pki),
             "--disable-admission-plugins=ServiceAccount",
             "--endpoint-reconciler-type=none",
             "--profiling=false",
