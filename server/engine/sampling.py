@@ -84,6 +84,7 @@ class Sampler:
         self._generators: dict[int, torch.Generator] = {}
         self._matchers: dict[int, Any] = {}  # slot -> xgrammar.GrammarMatcher
         self._bitmask: torch.Tensor | None = None  # pinned host [num_slots, words] int32
+        self._batch_matcher: Any = None  # xgrammar.BatchGrammarMatcher (a thread pool)
         self._logprobs: tuple[torch.Tensor, list[int]] | None = None  # of the last sample()
 
     def free(self, slots: list[int]) -> None:
@@ -257,13 +258,31 @@ class Sampler:
             mask = xgr.allocate_token_bitmask(self.num_slots, self.vocab_size)
             self._bitmask = mask.pin_memory() if self.device.type == "cuda" else mask
         bitmask = self._bitmask
+        if self._batch_matcher is None:
+            self._batch_matcher = xgr.BatchGrammarMatcher(max_threads="auto")
+        active: list[Any] = []
+        active_rows: list[int] = []
+        fed: list[tuple[Any, int]] = []
         for row in info.grammar_rows:
             seq = rows[row]
             matcher = self._matchers[seq.slot]
-            if not seq.is_prefill:
+            if not seq.is_prefill and not matcher.is_terminated():
                 # The token fed now is the one sampled for this request last step.
-                matcher.accept_token(seq.token_ids[0])
-            matcher.fill_next_token_bitmask(bitmask, row)
+                fed.append((matcher, seq.token_ids[0]))
+        if fed:
+            xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in fed], [t for _, t in fed])
+        for row in info.grammar_rows:
+            matcher = self._matchers[rows[row].slot]
+            if matcher.is_terminated():
+                # Complete, but the engine did not stop (its stop token is not an EOS
+                # of the model): only the grammar's stop tokens stay allowed.
+                _allow_only(bitmask, row, matcher.stop_token_ids)
+            else:
+                active.append(matcher)
+                active_rows.append(row)
+        if active:
+            # Threads fill the rows' masks in parallel (host work scales with constrained rows).
+            self._batch_matcher.batch_fill_next_token_bitmask(active, bitmask, indices=active_rows)
         n = len(rows)
         device_mask = bitmask[:n].to(self.device, non_blocking=True)
         logits = logits.contiguous()
@@ -337,3 +356,14 @@ class Sampler:
         drop = mass_before >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _allow_only(bitmask: torch.Tensor, row: int, token_ids: list[int]) -> None:
+    """Set ``bitmask[row]`` (32 tokens per int32 word) to allow only ``token_ids``."""
+    bitmask[row] = 0
+    for token in token_ids:
+        word, bit = divmod(int(token), 32)
+        if word >= bitmask.shape[1]:
+            continue
+        value = int(bitmask[row, word]) & 0xFFFFFFFF | (1 << bit)
+        bitmask[row, word] = value - (1 << 32) if value >= 1 << 31 else value
