@@ -250,9 +250,8 @@ def compute_settled(previous: dict[str, Any], generation: int) -> bool:
     prog = _condition(previous, "Progressing")
     return (
         prog is not None
-        and prog.get("status") == "False"
         and prog.get("observedGeneration") == generation
-        and prog.get("reason") not in (REASON_INVALID_SPEC, REASON_DEADLINE)
+        and prog.get("reason") not in (REASON_IN_PROGRESS, REASON_INVALID_SPEC, REASON_DEADLINE)
     )
 
 
@@ -287,12 +286,9 @@ def compute_problem(
         and degraded.get("reason") != REASON_API_ERROR
     )
     before = int(observed.previous.get("readyReplicas", 0))
-    if (
-        settled
-        and rollout.rolled_out
-        and rollout.ready < rollout.desired
-        and (rollout.ready < before or was_degraded)
-    ):
+    # Settled: the template is the one that rolled out; pods missing were lost (a pod
+    # gone and not yet replaced shows as fewer updated replicas: still lost).
+    if settled and rollout.ready < rollout.desired and (rollout.ready < before or was_degraded):
         return Problem(
             REASON_UNAVAILABLE,
             f"{rollout.ready}/{rollout.desired} replicas ready: a replica that was ready is gone "
@@ -337,7 +333,7 @@ def compute_verdict(spec: AutoGLMDeploymentSpec | None, observed: Observed) -> V
     progressing: ConditionValue
     if problem is not None and problem.reason == REASON_DEADLINE:
         progressing = ("False", REASON_DEADLINE, problem.message)
-    elif not settled or not r.rolled_out:
+    elif not settled:
         progressing = ("True", REASON_IN_PROGRESS, f"rolling out: {numbers}")
     elif problem is not None:
         progressing = ("False", problem.reason, problem.message)
@@ -346,7 +342,7 @@ def compute_verdict(spec: AutoGLMDeploymentSpec | None, observed: Observed) -> V
     # Ready: this generation serves with at least the replicas the spec requires.
     required = compute_required_replicas(spec)
     ready: ConditionValue
-    if settled and r.rolled_out and 0 < required <= r.ready:
+    if settled and 0 < required <= r.ready:
         ready = (
             "True",
             REASON_READY,

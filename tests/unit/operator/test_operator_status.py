@@ -294,6 +294,21 @@ def test_row_lost_replica_is_degraded_with_a_warning_then_recovers() -> None:
     }
     (event,) = compute_events(ready, lost)
     assert (event.type, event.reason) == ("Warning", "ReplicasUnavailable")
+    # The pod is gone and its replacement not made yet (0 updated): still lost, not a rollout.
+    gone = compute_status(
+        SPEC1,
+        OWNER,
+        Observed(
+            generation=1,
+            previous=lost,
+            deployment=deployment(desired=1, ready=0, updated=0, replicas=0),
+            nodes=NODES,
+        ),
+        T1,
+    )
+    assert conditions(gone) == conditions(lost)
+    assert compute_events(lost, gone) == []
+    lost = gone
     # The replacement pod exists but is not ready yet: still Degraded, nothing new to say.
     still = compute_status(
         SPEC1, OWNER, Observed(generation=1, previous=lost, deployment=lost_dep, nodes=NODES), T1
@@ -345,6 +360,19 @@ def test_row_autoscaler_adding_a_replica_is_not_degraded() -> None:
         "Degraded": ("False", "AsExpected"),
     }
     assert compute_events(ready, scaling) == []
+    # Still scaling at the next reconcile: the generation stays settled.
+    again = compute_status(
+        spec,
+        OWNER,
+        Observed(
+            generation=1,
+            previous=scaling,
+            deployment=deployment(desired=3, ready=2, updated=3),
+            nodes=NODES,
+        ),
+        T1,
+    )
+    assert conditions(again) == conditions(scaling)
 
 
 def crash_looping_pod(name: str = "glm-7d9-abc") -> dict[str, Any]:
