@@ -52,8 +52,9 @@ registers ``gpu-live-<i>`` nodes and plays their kubelet for server pods:
   ``lastState.terminated`` has the exit code and, as with
   ``terminationMessagePolicy: FallbackToLogsOnError`` (there is no
   /dev/termination-log here), the last 80 lines / 2 KiB of the process's log.
-- **Deletion.** SIGTERM, up to the pod's deletion grace period
-  (``terminationGracePeriodSeconds``), then SIGKILL; the final status is
+- **Deletion.** The preStop hook (``sleep`` or ``httpGet``; ``exec`` is
+  skipped), SIGTERM, up to the pod's deletion grace period
+  (``terminationGracePeriodSeconds``, at least 2 s after the hook), then SIGKILL; the final status is
   written and the pod deleted with grace 0, as the kubelet does. The server's
   drain runs in between.
 - **A cap** on live processes across the agent's nodes (``--max-processes``,

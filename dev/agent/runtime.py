@@ -792,7 +792,7 @@ class ContainerWorker:
             await self.agent.emit(
                 pod.pod, "Normal", "Killing", f"Stopping container {self.name}", self.field_path
             )
-            await self.terminate(pod.grace_s)
+            await self.stop_container(pod.grace_s)
             self._record_exit()
             return "deleting"
         if outcome == "unhealthy":
@@ -803,7 +803,9 @@ class ContainerWorker:
                 f"Container {self.name} failed its probe, will be restarted",
                 self.field_path,
             )
-            await self.terminate(float(pod.pod["spec"].get("terminationGracePeriodSeconds", 30)))
+            await self.stop_container(
+                float(pod.pod["spec"].get("terminationGracePeriodSeconds", 30))
+            )
         self._record_exit()
         return "exited"
 
@@ -835,6 +837,32 @@ class ContainerWorker:
         if self._holding_slot:
             self._holding_slot = False
             self.agent.release_slot()
+
+    async def stop_container(self, grace_s: float) -> None:
+        """As the kubelet kills a container: the preStop hook (``sleep`` or
+        ``httpGet``; ``exec`` can't run here and is skipped), then SIGTERM with
+        what is left of the grace period (at least 2 s), then SIGKILL."""
+        started = time.monotonic()
+        hook = (self.spec.get("lifecycle") or {}).get("preStop") or {}
+        proc = self.proc
+        if hook and proc is not None and proc.returncode is None:
+            if "sleep" in hook:
+                seconds = min(float(hook["sleep"].get("seconds", 0)), grace_s)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), seconds)
+            elif "httpGet" in hook and self.podw.ip is not None:
+                probe = plan.plan_probe(
+                    {"httpGet": hook["httpGet"], "timeoutSeconds": grace_s},
+                    self.spec,
+                    self.podw.ip,
+                )
+                if probe is not None:
+                    await run_probe(probe)
+            else:
+                log.warning(
+                    "pod %s/%s: preStop exec hooks are not run", self.podw.ns, self.podw.name
+                )
+        await self.terminate(max(2.0, grace_s - (time.monotonic() - started)))
 
     async def terminate(self, grace_s: float) -> None:
         """SIGTERM, wait up to ``grace_s``, then SIGKILL; reaps the process."""
