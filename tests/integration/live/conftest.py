@@ -2,7 +2,8 @@
 
 The session's control plane (tests/conftest.py) gets the node agent
 (``autoglm_dev.agent``) with one live node, ``gpu-live-0``, and the operator
-runs as a ``kopf run`` subprocess. A tiny GLM is installed where the agent maps
+runs as a ``kopf run`` subprocess, one per test module: it must be gone before
+the operator tests start their own and count its requests. A tiny GLM is installed where the agent maps
 ``hf://autoglm-test/tiny-glm4``. Pods are kept few: the machine has 2 cores.
 
 These tests need our own node agent, so against a cluster brought with
@@ -38,7 +39,7 @@ def tiny_model(live_cluster: LocalCluster) -> Path:
     return install_tiny_model(live_cluster.workdir, MODEL_SOURCE)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def live_operator(
     live_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
@@ -52,8 +53,14 @@ def live_operator(
 
 
 @pytest.fixture
-def kube(live_cluster: LocalCluster, namespace: str) -> Kube:
-    return Kube(live_cluster, namespace)
+def kube(live_cluster: LocalCluster, namespace: str) -> Iterator[Kube]:
+    """The test's namespace. Its AutoGLMDeployments are deleted afterwards while
+    the operator still runs (it holds a finalizer on them), so nothing of this
+    test is left for another test's operator to clean up."""
+    yield Kube(live_cluster, namespace)
+    live_cluster.kubectl(
+        "delete", "agd", "--all", "-n", namespace, "--timeout=90s", check=False, timeout=120
+    )
 
 
 @pytest.fixture
