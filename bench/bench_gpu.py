@@ -91,7 +91,7 @@ def build_model(shape: str, out: Path, device: str) -> Path:
     arch = spec.pop("arch")
     config_cls = Glm4Config if arch == "Glm4ForCausalLM" else LlamaConfig
     config = config_cls(
-        **spec, max_position_embeddings=8192, eos_token_id=1, pad_token_id=0, bos_token_id=None
+        **spec, max_position_embeddings=131072, eos_token_id=1, pad_token_id=0, bos_token_id=None
     )
     torch.manual_seed(0)
     with torch.device(device):
