@@ -43,6 +43,7 @@ import yaml
 from .binaries import (
     GATEWAY_API_VERSION,
     HACK_DIR,
+    KUBERNETES_VERSION,
     ensure_binaries,
     find_binary,
 )
@@ -60,7 +61,7 @@ ADAPTER_RULES_TEMPLATE = "templates/adapter-rules.yaml"
 ADDON_COMPONENTS = ("prometheus", "prometheus-adapter", "traefik")
 ADDONS_NAMESPACE = "autoglm-addons"
 ADAPTER_SERVICE = "prometheus-adapter"
-CUSTOM_METRICS_APISERVICE = "v1beta1.custom.metrics.k8s.io"
+CUSTOM_METRICS_APISERVICES = ("v1beta1.custom.metrics.k8s.io", "v1beta2.custom.metrics.k8s.io")
 GATEWAY_CLASS = "autoglm-traefik"
 GATEWAY_CONTROLLER = "traefik.io/gateway-controller"
 GATEWAY_NAME = "autoglm"
@@ -233,32 +234,35 @@ def build_rbac(namespace: str = ADDONS_NAMESPACE) -> list[dict[str, Any]]:
 def build_adapter_registration(
     port: int, ca_bundle: bytes, namespace: str = ADDONS_NAMESPACE
 ) -> list[dict[str, Any]]:
-    """The adapter's ExternalName Service and the custom.metrics APIService.
+    """The adapter's ExternalName Service and its custom.metrics APIServices
+    (v1beta1 and v1beta2, as the adapter's own deployment registers them).
 
     The apiserver dials ``<externalName>:<APIService port>`` and checks the
     serving certificate against ``<service>.<namespace>.svc``.
     """
-    return [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": ADAPTER_SERVICE, "namespace": namespace},
-            "spec": {"type": "ExternalName", "externalName": "localhost"},
-        },
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": ADAPTER_SERVICE, "namespace": namespace},
+        "spec": {"type": "ExternalName", "externalName": "localhost"},
+    }
+    apiservices = [
         {
             "apiVersion": "apiregistration.k8s.io/v1",
             "kind": "APIService",
-            "metadata": {"name": CUSTOM_METRICS_APISERVICE},
+            "metadata": {"name": name},
             "spec": {
                 "group": "custom.metrics.k8s.io",
-                "version": "v1beta1",
+                "version": name.split(".", 1)[0],
                 "service": {"namespace": namespace, "name": ADAPTER_SERVICE, "port": port},
                 "caBundle": base64.b64encode(ca_bundle).decode(),
                 "groupPriorityMinimum": 100,
-                "versionPriority": 100,
+                "versionPriority": 200 if name.startswith("v1beta2") else 100,
             },
-        },
+        }
+        for name in CUSTOM_METRICS_APISERVICES
     ]
+    return [service, *apiservices]
 
 
 def build_gateway(
@@ -351,7 +355,16 @@ def render_adapter_rules(chart_dir: Path = CHART_DIR) -> str:
     ``config.yaml``), so the local cluster serves the rules users install."""
     helm = ensure_binaries(("helm",))["helm"]
     proc = subprocess.run(
-        [str(helm), "template", "autoglm", str(chart_dir), "--show-only", ADAPTER_RULES_TEMPLATE],
+        [
+            str(helm),
+            "template",
+            "autoglm",
+            str(chart_dir),
+            "--kube-version",
+            KUBERNETES_VERSION,
+            "--show-only",
+            ADAPTER_RULES_TEMPLATE,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -537,10 +550,11 @@ def _condition(obj: dict[str, Any], ctype: str) -> bool:
 
 
 def _apiservice_available(cluster: LocalCluster) -> bool:
-    proc = cluster.kubectl(
-        "get", "apiservice", CUSTOM_METRICS_APISERVICE, "-o", "json", check=False
-    )
-    return proc.returncode == 0 and _condition(json.loads(proc.stdout), "Available")
+    for name in CUSTOM_METRICS_APISERVICES:
+        proc = cluster.kubectl("get", "apiservice", name, "-o", "json", check=False)
+        if proc.returncode != 0 or not _condition(json.loads(proc.stdout), "Available"):
+            return False
+    return True
 
 
 def _gateway_programmed(cluster: LocalCluster) -> bool:

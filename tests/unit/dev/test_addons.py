@@ -85,12 +85,22 @@ def test_prometheus_keeps_annotated_pods_and_labels_namespace_and_pod(tmp_path: 
 
 
 def test_adapter_registration_dials_loopback_by_name() -> None:
-    service, apiservice = addons.build_adapter_registration(12345, b"PEM")
+    service, *apiservices = addons.build_adapter_registration(12345, b"PEM")
     assert service["spec"] == {"type": "ExternalName", "externalName": "localhost"}
-    spec = apiservice["spec"]
-    assert apiservice["metadata"]["name"] == "v1beta1.custom.metrics.k8s.io"
-    assert spec["service"]["port"] == 12345
-    assert base64.b64decode(spec["caBundle"]) == b"PEM"
+    assert {a["metadata"]["name"] for a in apiservices} == {
+        "v1beta1.custom.metrics.k8s.io",
+        "v1beta2.custom.metrics.k8s.io",
+    }
+    for apiservice in apiservices:
+        spec = apiservice["spec"]
+        assert spec["group"] == "custom.metrics.k8s.io"
+        assert apiservice["metadata"]["name"].startswith(spec["version"] + ".")
+        assert spec["service"] == {
+            "namespace": addons.ADDONS_NAMESPACE,
+            "name": service["metadata"]["name"],
+            "port": 12345,
+        }
+        assert base64.b64decode(spec["caBundle"]) == b"PEM"
 
 
 def test_gateway_listener_takes_http_and_grpc_routes_from_all_namespaces() -> None:
