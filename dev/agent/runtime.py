@@ -657,11 +657,12 @@ class ContainerWorker:
                         self.spec, pod.ip, mounts, pod.dir / "home", self.agent.ctx
                     )
                 except ContainerConfigError as exc:
+                    if self.state.get("waiting", {}).get("message") != exc.message:
+                        await self.agent.emit(
+                            pod.pod, "Warning", "Failed", exc.message, self.field_path
+                        )
                     await self._set_waiting(exc.reason, exc.message)
-                    await self.agent.emit(
-                        pod.pod, "Warning", "Failed", exc.message, self.field_path
-                    )
-                    await self._wait_deleting(10.0)
+                    await self._wait_deleting(10.0)  # a missing ConfigMap may come
                     continue
                 if not self.agent.try_acquire_slot():
                     cap = self.agent.config.max_processes
