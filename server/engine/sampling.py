@@ -42,6 +42,11 @@ from .api import TokenLogprob
 from .grammar import new_matcher
 from .scheduler import ScheduledSeq
 
+# Grammar rows from which their masks are filled by a thread pool, and its size
+# (bench/bench_grammar.py: below this, waking the threads costs more than it saves).
+_PARALLEL_FILL_ROWS = 16
+_FILL_THREADS = 4
+
 
 @dataclass(slots=True)
 class _SamplingRows:
@@ -259,7 +264,7 @@ class Sampler:
             self._bitmask = mask.pin_memory() if self.device.type == "cuda" else mask
         bitmask = self._bitmask
         if self._batch_matcher is None:
-            self._batch_matcher = xgr.BatchGrammarMatcher(max_threads="auto")
+            self._batch_matcher = xgr.BatchGrammarMatcher(max_threads=_FILL_THREADS)
         active: list[Any] = []
         active_rows: list[int] = []
         fed: list[tuple[Any, int]] = []
@@ -280,9 +285,12 @@ class Sampler:
             else:
                 active.append(matcher)
                 active_rows.append(row)
-        if active:
+        if len(active) >= _PARALLEL_FILL_ROWS:
             # Threads fill the rows' masks in parallel (host work scales with constrained rows).
             self._batch_matcher.batch_fill_next_token_bitmask(active, bitmask, indices=active_rows)
+        else:  # waking threads costs more than a few rows' fill
+            for matcher, row in zip(active, active_rows, strict=True):
+                matcher.fill_next_token_bitmask(bitmask, row)
         n = len(rows)
         device_mask = bitmask[:n].to(self.device, non_blocking=True)
         logits = logits.contiguous()
