@@ -187,6 +187,38 @@ class InferenceServicer:
             outputs=[tensor(name=TEXT_OUTPUT, datatype="BYTES", shape=[1])],
         )
 
+    async def ModelConfig(
+        self, request: v2.ModelConfigRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> v2.ModelConfigResponse:
+        info = self._check_model(request.name, request.version, "name").model_info
+        return v2.ModelConfigResponse(
+            config=v2.ModelConfig(
+                name=info.name,
+                platform="pytorch",
+                backend="autoglm",
+                max_batch_size=0,
+                input=[v2.ModelInput(name=TEXT_INPUT, data_type=v2.TYPE_STRING, dims=[1])],
+                output=[v2.ModelOutput(name=TEXT_OUTPUT, data_type=v2.TYPE_STRING, dims=[1])],
+            )
+        )
+
+    async def RepositoryIndex(
+        self, request: v2.RepositoryIndexRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> v2.RepositoryIndexResponse:
+        """The one served model, with Triton's state names."""
+        engine = self._state.engine
+        if engine is None:
+            return v2.RepositoryIndexResponse()
+        ready = self._state.is_ready()
+        if request.ready and not ready:
+            return v2.RepositoryIndexResponse()
+        info = engine.model_info
+        state, reason = ("READY", "") if ready else ("UNAVAILABLE", self._state.phase.value)
+        entry = v2.RepositoryIndexResponse.ModelIndex(
+            name=info.name, version=info.version, state=state, reason=reason
+        )
+        return v2.RepositoryIndexResponse(models=[entry])
+
     async def ModelInfer(
         self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> v2.ModelInferResponse:

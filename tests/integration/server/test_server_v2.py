@@ -142,3 +142,62 @@ def test_v2_bad_input_names_the_field(v2_result: dict[str, Any]) -> None:
     code, details = v2_result["bad"]
     assert code == "INVALID_ARGUMENT"
     assert details.startswith("inputs[0].datatype: ")
+
+
+TRITON_CLIENT = r"""
+import json, sys
+import numpy as np
+import tritonclient.grpc as tc
+
+client = tc.InferenceServerClient(sys.argv[1])
+out = {
+    "live": client.is_server_live(),
+    "ready": client.is_server_ready(),
+    "model_ready": client.is_model_ready("tiny"),
+    "index": client.get_model_repository_index(as_json=True),
+    "config": client.get_model_config("tiny", as_json=True),
+    "metadata": client.get_model_metadata("tiny", as_json=True),
+}
+text = tc.InferInput("text_input", [1], "BYTES")
+text.set_data_from_numpy(np.array([b"Hello"], dtype=object))
+result = client.infer(
+    "tiny", [text], outputs=[tc.InferRequestedOutput("text_output")],
+    parameters={"max_tokens": 3, "ignore_eos": True, "temperature": 0.0},
+)
+out["text"] = result.as_numpy("text_output")[0].decode()
+out["params"] = {k: v for k, v in result.get_response(as_json=True).get("parameters", {}).items()}
+print(json.dumps(out))
+"""
+
+
+def test_tritonclient_works_unmodified(server: ServerProcess, tmp_path: Path) -> None:
+    """Triton's own client (a separate interpreter: it defines package ``inference`` too).
+
+    tritonclient pins protobuf < 7 while grpcio-tools 1.85 needs 7, so it is not in
+    the dev extra; install it with ``pip install --no-deps tritonclient`` to run this.
+    """
+    probe = subprocess.run(
+        [sys.executable, "-c", "import tritonclient.grpc"], capture_output=True, timeout=60
+    )
+    if probe.returncode != 0:
+        pytest.skip("tritonclient is not installed")
+    (tmp_path / "client.py").write_text(TRITON_CLIENT)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "client.py"), server.target],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["live"] and out["ready"] and out["model_ready"]
+    assert out["index"]["models"] == [{"name": "tiny", "version": "local", "state": "READY"}]
+    config = out["config"]["config"]
+    assert config["name"] == "tiny"
+    assert config["input"] == [{"name": "text_input", "data_type": "TYPE_STRING", "dims": ["1"]}]
+    assert config["output"] == [{"name": "text_output", "data_type": "TYPE_STRING", "dims": ["1"]}]
+    assert out["metadata"]["inputs"] == [
+        {"name": "text_input", "datatype": "BYTES", "shape": ["1"]}
+    ]
+    assert isinstance(out["text"], str)

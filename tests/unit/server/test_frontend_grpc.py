@@ -575,3 +575,20 @@ async def test_internal_errors_are_counted(h: Harness) -> None:
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in info.value.details()
     assert h.rejected == ["INTERNAL"]
+
+
+async def test_v2_repository_index_and_model_config(h: Harness) -> None:
+    index = await h.v2.RepositoryIndex(v2.RepositoryIndexRequest())
+    assert [(m.name, m.version, m.state) for m in index.models] == [("fake", "v1", "READY")]
+    config = (await h.v2.ModelConfig(v2.ModelConfigRequest(name="fake"))).config
+    assert (config.name, config.max_batch_size) == ("fake", 0)
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("text_input", v2.TYPE_STRING, [1])
+    ]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await h.v2.ModelConfig(v2.ModelConfigRequest(name="other"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    h.state.set_phase(Phase.DRAINING)
+    assert list((await h.v2.RepositoryIndex(v2.RepositoryIndexRequest(ready=True))).models) == []
+    (entry,) = (await h.v2.RepositoryIndex(v2.RepositoryIndexRequest())).models
+    assert (entry.state, entry.reason) == ("UNAVAILABLE", "draining")
