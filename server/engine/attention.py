@@ -145,17 +145,19 @@ def paged_attention(
     v_cache.index_copy_(0, step.slot_mapping, v)
     nd = step.num_decode
     if not step.prefills:
-        return ctx.backend.decode(q, k_cache, v_cache, ctx, scale)
-    pre = ctx.backend.prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, ctx, scale)
-    if not nd:
-        return pre
-    dec = ctx.backend.decode(q[:nd], k_cache, v_cache, ctx, scale)
-    return torch.cat([dec, pre], dim=0)
+        out = ctx.backend.decode(q, k_cache, v_cache, ctx, scale)
+    elif not nd:
+        out = ctx.backend.prefill(q, k, v, k_cache, v_cache, ctx, scale)
+    else:
+        pre = ctx.backend.prefill(q[nd:], k[nd:], v[nd:], k_cache, v_cache, ctx, scale)
+        dec = ctx.backend.decode(q[:nd], k_cache, v_cache, ctx, scale)
+        out = torch.cat([dec, pre], dim=0)
+    return out.contiguous()
 
 
 @paged_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, like every real output
 
 
 def autoglm_attention(
