@@ -92,7 +92,12 @@ def test_operator_killed_mid_burst_converges_without_duplicates_or_orphans(
         second.stop()
     assert done_before < BURST, "the first operator finished before it was killed"
     owners = {o["metadata"]["name"]: o["metadata"]["uid"] for o in kube.get("agd")["items"]}
-    children = kube.get("deployments,services,configmaps,hpa,pdb")["items"]
+    children = kube.get(
+        "deployments,services,configmaps,hpa,pdb",
+        None,
+        "-l",
+        "app.kubernetes.io/managed-by=autoglm-operator",
+    )["items"]
     per_owner: Counter[str] = Counter()
     for child in children:
         refs = child["metadata"].get("ownerReferences") or []
