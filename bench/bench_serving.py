@@ -38,7 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from autoglm_server.client import AutoGLMClient
+from autoglm_server.client import AutoGLMClient, wait_until_serving
 from autoglm_server.loadgen import LoadSpec, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,18 +65,17 @@ def serving(model: Path, args: list[str], log_dir: Path, name: str) -> Iterator[
     target = f"127.0.0.1:{grpc_port}"
     try:
         deadline = time.monotonic() + 300
-        with AutoGLMClient(target) as client:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} server exited; see {log.name}")
-                try:
-                    if client.health() == "SERVING":
-                        break
-                except Exception:
-                    pass
+        # A fresh channel per attempt (wait_until_serving): one reused channel
+        # never connects on grpcio 1.68 to 1.72.1 once its first try was refused.
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} server exited; see {log.name}")
+            try:
+                wait_until_serving(target, timeout_s=1.0)
+                break
+            except TimeoutError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} server not ready; see {log.name}")
-                time.sleep(0.1)
+                    raise RuntimeError(f"{name} server not ready; see {log.name}") from None
         yield target
     finally:
         proc.send_signal(signal.SIGTERM)
