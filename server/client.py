@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -191,6 +192,31 @@ def _model(resp: pb.ModelInfoResponse) -> ModelDescription:
 
 def _health_name(status: int) -> str:
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+
+
+def wait_until_serving(target: str, timeout_s: float = 300.0, service: str = "") -> None:
+    """Block until ``target`` answers SERVING; TimeoutError after ``timeout_s``.
+
+    Each attempt uses a fresh channel. A channel whose first connection was
+    refused backs off before it tries again (up to minutes), and on grpcio
+    1.68 to 1.72.1 a channel that failed once may never reconnect at all (the
+    backup-poller bug, grpc/grpc#38290): a wait that reuses one channel can
+    hang although the server is up.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with grpc.insecure_channel(target) as channel:
+            try:
+                resp = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=2.0
+                )
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{target} is not SERVING after {timeout_s:g} s")
+        time.sleep(0.1)
 
 
 class AutoGLMClient:

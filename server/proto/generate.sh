@@ -14,7 +14,7 @@
 # 2. grpcio-tools 1.85 stamps the code with its own versions: protobuf 7.35.1
 #    (ValidateProtobufRuntimeVersion refuses older runtimes) and grpcio 1.85.1
 #    (the _pb2_grpc module raises on older grpcio). The code uses nothing newer
-#    than protobuf 5.29 / grpcio 1.70, the floors in pyproject.toml, so the
+#    than protobuf 5.29 / grpcio 1.72.2, the floors in pyproject.toml, so the
 #    stamps are lowered to those floors. GPU images often ship an older
 #    protobuf, and the client must import there.
 set -euo pipefail
@@ -36,7 +36,7 @@ import sys
 
 out = pathlib.Path(sys.argv[1])
 PROTOBUF_FLOOR = (5, 29, 0)
-GRPC_FLOOR = "1.70.0"
+GRPC_FLOOR = "1.72.2"
 
 for path in sorted(out.rglob("*_pb2.py")):
     text = path.read_text()

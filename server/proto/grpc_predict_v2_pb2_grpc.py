@@ -5,7 +5,7 @@ import warnings
 
 from autoglm_server.proto import grpc_predict_v2_pb2 as grpc__predict__v2__pb2
 
-GRPC_GENERATED_VERSION = '1.70.0'
+GRPC_GENERATED_VERSION = '1.72.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

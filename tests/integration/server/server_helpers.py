@@ -22,6 +22,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from autoglm_server.client import wait_until_serving
+
 START_LIMIT_S = 120.0  # torch import + load + warm-up on two busy cores
 
 
@@ -80,13 +82,18 @@ class ServerProcess:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def wait_serving(self, limit_s: float = START_LIMIT_S) -> None:
+        """Poll health on fresh channels (see ``autoglm_server.client.wait_until_serving``)."""
         deadline = time.monotonic() + limit_s
-        while self.health() != "SERVING":
+        while True:
+            try:
+                wait_until_serving(self.target, timeout_s=0.5)
+                return
+            except TimeoutError:
+                pass
             if self.proc.poll() is not None:
                 pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             if time.monotonic() > deadline:
                 pytest.fail(f"server not SERVING after {limit_s} s:\n{self.log()[-3000:]}")
-            time.sleep(0.05)
 
     def metrics(
         self, port: int | None = None

@@ -5,7 +5,7 @@ import warnings
 
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2 as autoglm_dot_v1_dot_autoglm__pb2
 
-GRPC_GENERATED_VERSION = '1.70.0'
+GRPC_GENERATED_VERSION = '1.72.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
