@@ -27,12 +27,14 @@ draw.
 - :meth:`Sampler.to_host` reads the step's tokens (and logprobs, packed into
   the same tensor) back with one copy: the one sync of the step.
 
-Limitation: a request preempted by recompute starts its penalties' output
-counts and its grammar matcher afresh when re-admitted.
+Preemption by recompute: a request's generator and grammar matcher are
+parked when its slot is freed and given back when it is admitted again;
+its presence/frequency counts start afresh (a limitation).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,7 @@ from .scheduler import ScheduledSeq
 # (bench/bench_grammar.py: below this, waking the threads costs more than it saves).
 _PARALLEL_FILL_ROWS = 16
 _FILL_THREADS = 4
+_MAX_PARKED = 256  # freed requests whose generator / matcher are kept (preemption)
 
 
 @dataclass(slots=True)
@@ -88,15 +91,29 @@ class Sampler:
         self._biased: set[int] = set()
         self._generators: dict[int, torch.Generator] = {}
         self._matchers: dict[int, Any] = {}  # slot -> xgrammar.GrammarMatcher
+        self._slot_request: dict[int, str] = {}
+        # request id -> (generator, matcher) of requests whose slot was freed (see free()).
+        self._parked: OrderedDict[str, tuple[torch.Generator | None, Any]] = OrderedDict()
         self._bitmask: torch.Tensor | None = None  # pinned host [num_slots, words] int32
         self._batch_matcher: Any = None  # xgrammar.BatchGrammarMatcher (a thread pool)
         self._logprobs: tuple[torch.Tensor, list[int]] | None = None  # of the last sample()
 
     def free(self, slots: list[int]) -> None:
-        """Drop the state of slots whose requests are gone."""
+        """Release the slots of requests that finished or were preempted.
+
+        Their generator and grammar matcher are parked under the request id
+        (a few hundred at most, oldest dropped first): a request preempted by
+        recompute gets them back when it is admitted again, so its grammar
+        continues where it was and its seeded draws go on from where they were.
+        """
         for slot in slots:
-            self._generators.pop(slot, None)
-            self._matchers.pop(slot, None)
+            request_id = self._slot_request.pop(slot, None)
+            generator = self._generators.pop(slot, None)
+            matcher = self._matchers.pop(slot, None)
+            if request_id is not None and (generator is not None or matcher is not None):
+                self._parked[request_id] = (generator, matcher)
+                while len(self._parked) > _MAX_PARKED:
+                    self._parked.popitem(last=False)
 
     def admit(self, seqs: list[ScheduledSeq]) -> None:
         """Reset per-slot sampling state for freshly admitted requests."""
@@ -136,14 +153,21 @@ class Sampler:
             self._counts[slots_d] = 0
         for s in new:
             self._admit_bias(s)
+            self._slot_request[s.slot] = s.request_id
+            parked_gen, parked_matcher = self._parked.pop(s.request_id, (None, None))
             if s.params.seed is not None:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(s.params.seed)
+                gen = parked_gen
+                if gen is None:
+                    gen = torch.Generator(device=self.device)
+                    gen.manual_seed(s.params.seed)
                 self._generators[s.slot] = gen
             else:
                 self._generators.pop(s.slot, None)
             if s.params.grammar is not None:
-                self._matchers[s.slot] = new_matcher(s.params.grammar)
+                matcher = parked_matcher
+                self._matchers[s.slot] = (
+                    matcher if matcher is not None else new_matcher(s.params.grammar)
+                )
             else:
                 self._matchers.pop(s.slot, None)
 

@@ -141,3 +141,35 @@ def test_grammar_masks_make_random_logits_valid_json(device: str, grammar: Any) 
             text = tokenizer.decode(out[:-1])
             value = json.loads(text)
             assert set(value) == {"ok", "n"} and 0 <= value["n"] <= 9
+
+
+def test_a_preempted_request_keeps_its_grammar_and_generator(grammar: Any) -> None:
+    """Free the slot mid-JSON (preemption), re-admit on another slot: the JSON continues."""
+    tokenizer, compiled = grammar
+    vocab = len(tokenizer)
+    s = Sampler(2, vocab, torch.device("cpu"))
+    params = SamplingParams(temperature=1.0, seed=9, grammar=compiled)
+    gen = torch.Generator().manual_seed(1)
+    out: list[int] = []
+    slot, last = 0, None
+    for step in range(80):
+        if step == 4:  # preempted: slot 0 freed, re-admitted later on slot 1
+            s.free([0])
+            slot, last = 1, None
+            seq = ScheduledSeq("r", slot, [1, 2], 0, False, True, params, is_prefill=True)
+            s.admit([seq])  # the recompute chunk samples nothing
+            last = out[-1]
+        seq = (
+            _seq(slot, params)
+            if last is None
+            else ScheduledSeq("r", slot, [last], 0, True, False, params)
+        )
+        if last is None:
+            seq.request_id = "r"
+        ids, _ = _step(s, [seq], torch.randn(1, vocab, generator=gen))
+        out.append(ids[0])
+        last = ids[0]
+        if ids[0] in tokenizer.all_special_ids:
+            break
+    assert out[-1] in tokenizer.all_special_ids
+    json.loads(tokenizer.decode(out[:-1]))
