@@ -284,10 +284,7 @@ def on_object_event(
     assert namespace is not None  # the resource is namespaced
     if type is not None and compute_own_echo(body):
         return  # (type None: the listing at start or after a reconnect; always reconcile)
-    try:
-        run_reconcile(memo.api, build_view(memo, kwargs), namespace, name, logger)
-    except kopf.TemporaryError as exc:
-        logger.warning("reconcile failed; the timer retries: %s", exc)
+    reconcile_soon(memo, kwargs, namespace, name, logger)
 
 
 @kopf.timer(
@@ -299,7 +296,8 @@ def on_object_event(
 )
 def on_timer(namespace: str | None, name: str, memo: Any, logger: Any, **kwargs: Any) -> None:
     assert namespace is not None
-    run_reconcile(memo.api, build_view(memo, kwargs), namespace, name, logger)
+    if claim_slot(namespace, name):
+        run_reconcile(memo.api, build_view(memo, kwargs), namespace, name, logger, coalesced=True)
 
 
 # ---- children and pods -------------------------------------------------------------------
@@ -316,19 +314,30 @@ def _controller_owner(body: Any) -> str | None:
     return None
 
 
+def claim_slot(namespace: str, name: str) -> bool:
+    """Mark a reconcile of the object as waiting; False when one waits already."""
+    slot = _slot_for(namespace, name)
+    with _slots_guard:
+        if slot.queued:
+            return False
+        slot.queued = True
+        return True
+
+
 def reconcile_soon(
     memo: Any, kwargs: Mapping[str, Any], namespace: str, owner: str, logger: Any
 ) -> None:
-    """Reconcile ``owner`` now, unless a reconcile of it already waits (it will see this event)."""
-    slot = _slot_for(namespace, owner)
-    with _slots_guard:
-        if slot.queued:
-            return
-        slot.queued = True
+    """Reconcile ``owner`` now, unless a reconcile of it already waits (it will see this event).
+
+    Every trigger (object, child and pod events, the timer) goes through this
+    coalescing, so at most one worker waits per object and the others stay free.
+    """
+    if not claim_slot(namespace, owner):
+        return
     try:
         run_reconcile(memo.api, build_view(memo, kwargs), namespace, owner, logger, coalesced=True)
     except kopf.TemporaryError as exc:
-        logger.warning("reconcile after a child event failed; the timer retries: %s", exc)
+        logger.warning("reconcile failed; the timer retries: %s", exc)
 
 
 def on_child_event(

@@ -37,10 +37,10 @@ class Settings:
     # standby waits before it takes over from a leader that died without leaving.
     peering_lifetime: int = 60
     # Worker threads that run reconciles (kopf's ``execution.max_workers``).
-    workers: int = 8
+    workers: int = 16
     # Client-side rate limit of the operator's own requests: sustained and burst.
-    api_qps: float = 50.0
-    api_burst: int = 100
+    api_qps: float = 100.0
+    api_burst: int = 200
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
