@@ -626,7 +626,8 @@ class LocalCluster:
             f"--config={KWOK_STAGES}",
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
-            "--cidr=10.0.0.1/24",
+            # Pod IPs on fake nodes: room for thousands of pods (a /24 runs out at 254).
+            "--cidr=10.244.0.1/16",
             "--node-ip=10.0.0.1",
             "--node-lease-duration-seconds=40",
         ]
