@@ -50,6 +50,7 @@ HEALTH_NAMES = ("", AUTOGLM_SERVICE)
 # validation.max_prompt_chars.
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 MAX_SEND_BYTES = 64 * 1024 * 1024
+_DEADLINE_SLACK_S = 0.25
 
 
 # --------------------------------------------------------------------------- errors
@@ -175,8 +176,11 @@ def engine_stream(
     """The engine stream of one RPC; an abort after the deadline counts as DEADLINE_EXCEEDED."""
 
     def deadline_passed() -> bool:
+        # The client's deadline fires before the server's (which started when the
+        # request arrived): a cancel that comes just before the server's own
+        # deadline is the client's deadline, not a cancel.
         remaining = context.time_remaining()
-        return remaining is not None and remaining <= 0
+        return remaining is not None and remaining <= _DEADLINE_SLACK_S
 
     return GenerationStream(engine, gen, deadline_passed=deadline_passed)
 
