@@ -130,9 +130,11 @@ def run_reconcile(
         metrics.RECONCILE_DURATION.observe(time.monotonic() - started)
     if outcome.invalid is not None:
         metrics.RECONCILE_ERRORS.labels(reason="InvalidSpec").inc()
-    if outcome.applied or outcome.deleted or outcome.status_written:
-        logger.info(
-            "reconciled: applied=%s deleted=%s status_written=%s ready=%s events=%s",
+    if outcome.applied or outcome.deleted or outcome.events:
+        log.info(
+            "%s/%s reconciled: applied=%s deleted=%s status_written=%s ready=%s events=%s",
+            namespace,
+            name,
             outcome.applied,
             outcome.deleted,
             outcome.status_written,
@@ -166,9 +168,14 @@ def compute_peering_plural(clusterwide: bool) -> str:
 @kopf.on.startup()
 def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -> None:
     cfg = SETTINGS
+    verbose = logging.getLogger().level <= logging.DEBUG
     if cfg.log_format == "json":
-        verbose = logging.getLogger().level <= logging.DEBUG
         kopf.configure(log_format=kopf.LogFormat.JSON, verbose=verbose)
+    if not verbose:
+        # kopf logs a line per handler call ("Handler ... succeeded"): at 1,000
+        # objects that is most of the operator's CPU. Warnings and errors stay;
+        # `kopf run --verbose` brings the lines back.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # kopf's own state (only the finalizer that its timers need) under our prefix.
     settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
