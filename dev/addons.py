@@ -306,6 +306,7 @@ def traefik_args(ports: dict[str, int], server: str, ca_file: Path, token_file: 
         f"--entryPoints.traefik.address=127.0.0.1:{ports['traefik-api']}",
         "--ping=true",
         "--api.insecure=true",  # the API on the loopback "traefik" entry point only
+        "--api.dashboard=false",  # its web assets are not part of the Go build
         f"{provider}=true",
         f"{provider}.endpoint={server}",
         f"{provider}.certauthfilepath={ca_file}",
@@ -502,6 +503,10 @@ def start_addons(
         state,
     )
 
+    prometheus_url = f"http://127.0.0.1:{ports['prometheus']}"
+    # The adapter lists series from Prometheus as it starts.
+    cluster._wait("prometheus", lambda: _http_ok(f"{prometheus_url}/-/ready"), deadline)
+
     rules = workdir / "adapter-rules.yaml"
     rules.write_text(render_adapter_rules())
     cert, key = write_serving_cert(
@@ -510,7 +515,6 @@ def start_addons(
         [f"{ADAPTER_SERVICE}.{ADDONS_NAMESPACE}.svc", "localhost"],
         ["127.0.0.1"],
     )
-    prometheus_url = f"http://127.0.0.1:{ports['prometheus']}"
     cluster._spawn(
         "prometheus-adapter",
         bins["prometheus-adapter"],
@@ -532,7 +536,6 @@ def start_addons(
         cluster, build_adapter_registration(ports["prometheus-adapter"], pki.ca_cert.read_bytes())
     )
 
-    cluster._wait("prometheus", lambda: _http_ok(f"{prometheus_url}/-/ready"), deadline)
     cluster._wait(
         "traefik", lambda: _http_ok(f"http://127.0.0.1:{ports['traefik-api']}/ping"), deadline
     )
