@@ -2,7 +2,8 @@
 # Installs everything the project needs, idempotently, and is quick when warm:
 #   - a Python virtual environment in .venv with the project installed editable (all extras);
 #   - the pinned control-plane binaries (kube-apiserver, kube-controller-manager, kube-scheduler,
-#     etcd, kubectl, kwok, helm), built from Go modules into a cache outside the clone.
+#     etcd, kubectl, kwok, helm) and the live cluster's add-ons (Prometheus, prometheus-adapter,
+#     Traefik), built from Go modules into a cache outside the clone.
 # Needs: Python >= 3.11 and Go >= 1.26 on PATH, and access to PyPI and the Go module proxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,5 +34,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python"
   echo "$want" > "$stamp"
 fi
 
-echo "==> control-plane binaries (a cold build took 10 minutes on 2 cores here; cached afterwards)"
+echo "==> control-plane and add-on binaries (cold: about 10 min of build for the control plane and"
+echo "    40 CPU-minutes for Prometheus, prometheus-adapter and Traefik on 2 cores; cached afterwards)"
 "$VENV/bin/autoglm-dev" cluster build
