@@ -185,16 +185,41 @@ def build_trimmed_node(body: Mapping[str, Any]) -> Body:
     }
 
 
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+# Managers whose field sets a reconcile reads (ssa.py); the others keep only
+# who and when (the echo check reads the times).
+OUR_MANAGERS = frozenset({"autoglm-operator", "autoglm-operator-handover"})
+
+
+def _trim_meta(meta: Mapping[str, Any], *, managed: bool) -> Body:
+    out = dict(meta)
+    annotations = out.get("annotations")
+    if annotations and LAST_APPLIED in annotations:
+        out["annotations"] = {k: v for k, v in annotations.items() if k != LAST_APPLIED}
+    entries = out.get("managedFields")
+    if entries is not None:
+        if not managed:
+            del out["managedFields"]
+        else:
+            out["managedFields"] = [
+                e
+                if e.get("manager") in OUR_MANAGERS
+                else {k: v for k, v in e.items() if k != "fieldsV1"}
+                for e in entries
+            ]
+    return out
+
+
 def build_trimmed_child(body: Mapping[str, Any]) -> Body:
-    """A child without what no reconcile reads (Deployment status kept; last-applied dropped)."""
+    """A child as a reconcile reads it: other managers' field sets, a kubectl
+    last-applied copy and any status but a Deployment's left out (memory at scale)."""
     out = {k: v for k, v in body.items() if k != "status" or body.get("kind") == "Deployment"}
-    meta = dict(out.get("metadata") or {})
-    annotations = meta.get("annotations")
-    if annotations and "kubectl.kubernetes.io/last-applied-configuration" in annotations:
-        meta["annotations"] = {
-            k: v
-            for k, v in annotations.items()
-            if k != "kubectl.kubernetes.io/last-applied-configuration"
-        }
-    out["metadata"] = meta
+    out["metadata"] = _trim_meta(out.get("metadata") or {}, managed=True)
+    return out
+
+
+def build_trimmed_owner(body: Mapping[str, Any]) -> Body:
+    """An AutoGLMDeployment as a reconcile reads it: spec, status, identity; no managedFields."""
+    out = dict(body)
+    out["metadata"] = _trim_meta(out.get("metadata") or {}, managed=False)
     return out

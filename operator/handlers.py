@@ -43,6 +43,7 @@ from .cache import (
     WriteLog,
     build_trimmed_child,
     build_trimmed_node,
+    build_trimmed_owner,
     build_trimmed_pod,
 )
 from .k8s import FIELD_MANAGER, KubeApi, KubeError
@@ -230,7 +231,7 @@ def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any
 
 @kopf.index(GROUP, VERSION, PLURAL, id=OWNER_INDEX)
 async def owner_index(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
-    return {(namespace, name): dict(body)}
+    return {(namespace, name): build_trimmed_owner(body)}
 
 
 async def child_index(namespace: str | None, name: str, body: Any, **_: Any) -> Any:

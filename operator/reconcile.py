@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .builders import Manifest, build_children, plan_deletions
-from .cache import OWNER_KIND, ClusterView, build_trimmed_child
+from .cache import OWNER_KIND, ClusterView, build_trimmed_child, build_trimmed_owner
 from .k8s import KubeApi, KubeError
 from .owner import Owner
 from .spec import API_VERSION, KIND, AutoGLMDeploymentSpec, check_name, parse_spec
@@ -164,7 +164,7 @@ def reconcile(api: KubeApi, view: ClusterView, namespace: str, name: str, now: s
             compute_merge_patch(observed.previous, status),
         )
         if after:
-            view.writes.record(OWNER_KIND, owner.namespace, owner.name, after)
+            view.writes.record(OWNER_KIND, owner.namespace, owner.name, build_trimmed_owner(after))
         outcome.status_written = True
         for event in compute_events(observed.previous, status):
             api.create_event(body, event.type, event.reason, event.message, now)

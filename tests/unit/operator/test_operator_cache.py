@@ -11,6 +11,7 @@ from autoglm_operator.cache import (
     ClusterView,
     WriteLog,
     build_trimmed_child,
+    build_trimmed_owner,
     build_trimmed_pod,
     compute_fresher,
 )
@@ -87,6 +88,14 @@ def test_trimming_keeps_what_status_and_apply_read() -> None:
     )
     assert svc["metadata"]["annotations"] == {"k": "v"}
     assert svc["metadata"]["managedFields"] == [{"manager": "m"}]
+    mine = {"manager": "autoglm-operator", "time": "t", "fieldsV1": {"f:spec": {}}}
+    theirs = {"manager": "kubectl", "time": "t", "fieldsV1": {"f:spec": {}}}
+    trimmed = build_trimmed_child(
+        {"kind": "Service", "metadata": {"managedFields": [mine, theirs]}}
+    )
+    assert trimmed["metadata"]["managedFields"] == [mine, {"manager": "kubectl", "time": "t"}]
+    owner = build_trimmed_owner({"metadata": {"name": "o", "managedFields": [mine]}, "spec": {}})
+    assert owner == {"metadata": {"name": "o"}, "spec": {}}
     assert "status" not in svc
     dep = build_trimmed_child({"kind": "Deployment", "metadata": {}, "status": {"replicas": 1}})
     assert dep["status"] == {"replicas": 1}
