@@ -2,6 +2,10 @@
 
 Fast path: Triton paged decode + flash varlen prefill, torch.compile of the
 decoder, decode CUDA graphs. Portable path: plain torch attention, eager.
+On one H100 at 6d66ef7: 6 passed (fast == portable for GLM-4 and Llama,
+batched, with prefix hits, chunked prefill and preemption; kernel checks; bf16
+fusion accuracy), 4 failed: the engine test against ``generate()``, whose
+near-tie flips this version's reference no longer uses.
 Run on the GPU machine only: ``pytest -m gpu tests/gpu``.
 """
 
@@ -243,7 +247,7 @@ def test_compiled_bf16_logits_as_close_to_fp32_as_eager_bf16(model_dir: Path) ->
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_engine_on_cuda_end_to_end(model_dir: Path, prefix_caching: bool) -> None:
-    """Engine with defaults on CUDA (fast path), float32, against HF generate."""
+    """Engine with defaults on CUDA (fast path), float32, against full-recompute greedy."""
     import asyncio
     import gc
 
@@ -278,10 +282,12 @@ def test_engine_on_cuda_end_to_end(model_dir: Path, prefix_caching: bool) -> Non
     outs = asyncio.run(main())
     reference = load(model_dir, torch.float32)
     for prompt, got in zip(PROMPTS, outs, strict=True):
-        expected = reference.generate(
-            torch.tensor([prompt], device="cuda"),
-            max_new_tokens=16,
-            do_sample=False,
-            eos_token_id=None,
-        )[0, len(prompt) :].tolist()
-        assert got == expected
+        # Greedy by definition (a full forward pass per token), not generate():
+        # its KV-cache path rounds differently and flips near-ties of a random
+        # tiny model (seen on CPU too, with the portable path equal to this).
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(16):
+                logits = reference(torch.tensor([ids], device="cuda")).logits[0, -1]
+                ids.append(int(logits.argmax()))
+        assert got == ids[len(prompt) :]
