@@ -771,23 +771,12 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
                     for piece, entries in cs.add(delta):
                         yield _sse(chunk(index, piece, {}, lp_json(entries)))
                     if delta.finish_reason is not None:
-                        calls, rest, entries = cs.finish()
-                        if rest:
-                            yield _sse(chunk(index, {"content": rest}, {}, lp_json(entries)))
-                            entries = []
-                        if calls:
-                            for j, call in enumerate(calls):
-                                head = {**call.to_json(j), "function": {"name": call.name}}
-                                head["function"]["arguments"] = ""
-                                yield _sse(chunk(index, {"tool_calls": [head]}, {}, None))
-                                args = {"index": j, "function": {"arguments": call.arguments}}
-                                yield _sse(
-                                    chunk(index, {"tool_calls": [args]}, {}, lp_json(entries))
-                                )
-                                entries = []
-                        override = call_finish if calls else None
+                        for piece, entries in cs.finish():
+                            if piece or entries:
+                                yield _sse(chunk(index, piece, {}, lp_json(entries)))
+                        override = call_finish if cs.has_calls else None
                         finish = _finish_fields(delta.finish_reason, override)
-                        yield _sse(chunk(index, {}, finish, lp_json(entries) if entries else None))
+                        yield _sse(chunk(index, {}, finish, None))
                 if include_usage:
                     usage = _usage_json(len(prompt_ids), completion_tokens)
                     yield _sse({**chunk(0, {}, {}, None), "choices": [], "usage": usage})
@@ -828,14 +817,20 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
     return app
 
 
+Piece = tuple[dict[str, Any], list[TokenLogprob]]  # a chunk's delta and its logprobs
+
+
 class _ChatStream:
-    """One streamed chat choice: plain content, or tool calls held back until they parse.
+    """One streamed chat choice: plain content, or tool calls.
 
     While the output so far could still be a tool call (the parser says so),
     text and its logprobs are held; once it can't, what was held is sent as
-    content and the rest streams as it comes. At the end, held text that
-    parses as tool calls is sent as ``tool_calls`` deltas (the name first,
-    then the arguments), which is how the openai client assembles them.
+    content and the rest streams as it comes. Once the parser sees a call
+    under way (GLM-4: the name line, then ``{``), its id and name go out and
+    the arguments follow as they are generated; a parser that can't tell
+    early (Llama-3 JSON) sends the call when it is complete. That is how the
+    openai client assembles ``tool_calls``: by index, name first, arguments
+    concatenated.
     """
 
     def __init__(self, plan: _ToolPlan) -> None:
@@ -843,8 +838,30 @@ class _ChatStream:
         self._holding = plan.parser is not None
         self._held: list[str] = []
         self._held_lps: list[TokenLogprob] = []
+        self._call: ToolCall | None = None  # a call being streamed
+        self._sent_args = ""
+        self.has_calls = False
 
-    def add(self, delta: GenerationDelta) -> list[tuple[dict[str, Any], list[TokenLogprob]]]:
+    def _take_lps(self) -> list[TokenLogprob]:
+        lps, self._held_lps = self._held_lps, []
+        return lps
+
+    def _stream_call(self, name: str, args: str) -> list[Piece]:
+        out: list[Piece] = []
+        if self._call is None:
+            self._call = ToolCall.new(name, "")
+            self.has_calls = True
+            head = {**self._call.to_json(0), "function": {"name": name, "arguments": ""}}
+            out.append(({"tool_calls": [head]}, []))
+        if len(args) > len(self._sent_args) and args.startswith(self._sent_args):
+            more = args[len(self._sent_args) :]
+            self._sent_args = args
+            out.append(
+                ({"tool_calls": [{"index": 0, "function": {"arguments": more}}]}, self._take_lps())
+            )
+        return out
+
+    def add(self, delta: GenerationDelta) -> list[Piece]:
         lps = list(delta.logprobs or ())
         if not self._holding:
             return [({"content": delta.text}, lps)] if delta.text or lps else []
@@ -853,20 +870,42 @@ class _ChatStream:
         parser = self._plan.parser
         assert parser is not None
         text = "".join(self._held)
-        if self._plan.forced or parser.may_be_call(text, self._plan.tools):
+        partial = parser.partial(text, self._plan.tools)
+        if partial is not None:
+            return self._stream_call(*partial)
+        if (
+            self._call is not None
+            or self._plan.forced
+            or parser.may_be_call(text, self._plan.tools)
+        ):
             return []
         self._holding = False
-        held_lps, self._held, self._held_lps = self._held_lps, [], []
-        return [({"content": text}, held_lps)]
+        self._held = []
+        return [({"content": text}, self._take_lps())]
 
-    def finish(self) -> tuple[list[ToolCall], str, list[TokenLogprob]]:
-        """(tool calls, text still to send as content, logprobs not yet sent)."""
+    def finish(self) -> list[Piece]:
+        """What is still to send when the choice ends (``has_calls`` says which kind)."""
         text = "".join(self._held)
-        lps = self._held_lps
-        if not self._holding or self._plan.parser is None:
-            return [], text, lps
-        calls = self._plan.parser.parse(text, self._plan.tools)
-        return (calls, "", lps) if calls else ([], text, lps)
+        parser = self._plan.parser
+        if not self._holding or parser is None:
+            return [({"content": text}, self._take_lps())] if text or self._held_lps else []
+        calls = parser.parse(text, self._plan.tools)
+        if self._call is not None:
+            if calls and calls[0].arguments.startswith(self._sent_args):
+                return self._stream_call(self._call.name, calls[0].arguments) or (
+                    [({}, self._take_lps())] if self._held_lps else []
+                )
+            return [({}, self._take_lps())] if self._held_lps else []  # cut short (length)
+        if not calls:
+            return [({"content": text}, self._take_lps())]
+        self.has_calls = True
+        out: list[Piece] = []
+        for j, call in enumerate(calls):
+            head = {**call.to_json(j), "function": {"name": call.name, "arguments": ""}}
+            out.append(({"tool_calls": [head]}, []))
+            args = {"index": j, "function": {"arguments": call.arguments}}
+            out.append(({"tool_calls": [args]}, self._take_lps()))
+        return out
 
 
 def build_metrics_app(render_metrics: MetricsRenderer) -> FastAPI:

@@ -81,6 +81,11 @@ class ToolParser(ABC):
     def grammar(self, tools: Sequence[ToolSpec]) -> GrammarSpec:
         """The grammar of exactly one call to one of ``tools``."""
 
+    def partial(self, prefix: str, tools: Sequence[ToolSpec]) -> tuple[str, str] | None:
+        """(name, arguments so far) once ``prefix`` is committed to one call, for streaming
+        the arguments as they come; None (the default) sends the call when it is complete."""
+        return None
+
 
 class Glm4ToolParser(ToolParser):
     name = "glm4"
@@ -97,7 +102,16 @@ class Glm4ToolParser(ToolParser):
             return []
         if not isinstance(args, dict):
             return []
-        return [ToolCall.new(name.strip(), args)]
+        # The model's own text: what streaming sent piece by piece adds up to it.
+        return [ToolCall.new(name.strip(), rest.strip())]
+
+    def partial(self, prefix: str, tools: Sequence[ToolSpec]) -> tuple[str, str] | None:
+        line, sep, rest = prefix.lstrip().partition("\n")
+        name = line.strip()
+        args = rest.strip()
+        if sep and name in {t.name for t in tools} and args.startswith("{"):
+            return name, args
+        return None
 
     def may_be_call(self, prefix: str, tools: Sequence[ToolSpec]) -> bool:
         head = prefix.lstrip()

@@ -41,12 +41,15 @@ class FakeStream(AsyncIterator[GenerationDelta]):
             await asyncio.sleep(self._engine.step_s)
         self._sent += 1
         n = self._request.params.max_new_tokens
+        if self._engine.script:
+            n = min(n, len(self._engine.script))
         last = self._sent >= n
         if last:
             self._engine.running.discard(self._request.request_id)
+        script = self._engine.script
         delta = GenerationDelta(
             request_id=self._request.request_id,
-            text=self._engine.token_text,
+            text=script[self._sent - 1] if script else self._engine.token_text,
             token_ids=[self._sent],
         )
         if last:
@@ -88,6 +91,7 @@ class FakeEngine:
         self.admission_error: BaseException | None = None
         self.fail_mid_stream: BaseException | None = None
         self.finish_reason = FinishReason.LENGTH  # how every request ends
+        self.script: list[str] = []  # if set: the texts of the deltas, one per step
         self.requests: list[GenerationRequest] = []
         self.aborted: list[str] = []
         self.abort_codes: dict[str, str] = {}  # request id -> the code it was aborted with
