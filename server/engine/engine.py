@@ -9,9 +9,14 @@ time, so the forward pass never blocks the event loop and never overlaps
 another. The scheduler is shared between the two and guarded by one lock,
 which is held only for book-keeping, never across a forward pass.
 
-Each request has an ``asyncio.Queue``; the step thread hands a step's results
-to the event loop with ONE ``call_soon_threadsafe`` per step, not one per
-token.
+Each request has an ``asyncio.Queue``. The step thread does no text work: it
+hands each step's sampled token ids to a second thread, the *detokenizer*,
+and goes on with the next step; the detokenizer turns them into text (and
+finds stop strings), then hands the step's results to the event loop with ONE
+``call_soon_threadsafe`` per step, not one per token. Steps are detokenized
+in order, so a request's deltas stay in order. A stop string found there
+finishes the request under the lock; a step that ran meanwhile may have
+produced one more token for it, which is dropped.
 
 Aborts (an explicit :meth:`abort`, or the consumer closing or dropping its
 stream) remove the request from the scheduler at once, under the lock. If a
@@ -38,6 +43,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 from ..errors import (
@@ -79,6 +85,8 @@ class _Tracked:
     detok: IncrementalDetokenizer
     first_token_time: float | None = None
     done: bool = False
+    claimed: bool = False  # finished by the scheduler; its last delta is on its way
+    stopped: bool = False  # the detokenizer found a stop string (detokenizer thread only)
 
 
 class RequestStream(AsyncIterator[GenerationDelta]):
@@ -166,6 +174,9 @@ class LLMEngine:
         self._decoder: TokenDecoder | None = None
         self._info: ModelInfo | None = None
         self._thread: threading.Thread | None = None
+        # Work for the detokenizer thread, in step order; None stops it.
+        self._detok_queue: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
+        self._detok_thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = False
         self._accepting = False
@@ -203,6 +214,10 @@ class LLMEngine:
             vocab_size=loaded.vocab_size,
             architecture=loaded.architecture,
         )
+        self._detok_thread = threading.Thread(
+            target=self._detok_loop, name="autoglm-detokenizer", daemon=True
+        )
+        self._detok_thread.start()
         self._thread = threading.Thread(target=self._run_loop, name="autoglm-engine", daemon=True)
         self._thread.start()
         self._accepting = True
@@ -249,6 +264,10 @@ class LLMEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        if self._detok_thread is not None:
+            self._detok_queue.put(None)
+            await asyncio.to_thread(self._detok_thread.join)
+            self._detok_thread = None
         self.metrics.close()
 
     def is_ready(self) -> bool:
@@ -425,25 +444,50 @@ class LLMEngine:
                     # concurrent abort() cannot also finish it.
                     del self._tracked[out.request_id]
                     tracked.done = True
+                    tracked.claimed = True
                 work.append((out, tracked))
         now = time.monotonic()
+        self.metrics.on_tokens(len(outputs))
+        if work:
+            self._detok_queue.put(lambda: self._deliver_step(work, now))
+
+    def _detok_loop(self) -> None:
+        """The detokenizer thread: runs the step thread's work items in order."""
+        while True:
+            item = self._detok_queue.get()
+            if item is None:
+                return
+            try:
+                item()
+            except BaseException as exc:
+                self._die(exc)
+                return
+
+    def _deliver_step(self, work: list[tuple[RequestOutput, _Tracked]], now: float) -> None:
+        """Detokenize one step's tokens, handle stop strings, post the deltas (detokenizer)."""
+        scheduler = self._scheduler
+        assert scheduler is not None
         deliveries: list[tuple[asyncio.Queue[_Item], _Item]] = []
         stopped: list[tuple[_Tracked, GenerationDelta]] = []
         for out, tracked in work:
+            if tracked.stopped:
+                continue  # a token produced after its stop string was found
             delta = self._make_delta(out, tracked, now)
             if delta.finish_reason is not None and out.finish_reason is None:
                 stopped.append((tracked, delta))  # a stop string: claimed below, under the lock
             else:
                 deliveries.append((tracked.queue, delta))
-        self.metrics.on_tokens(len(outputs))
         if stopped:
             with self._lock:
                 for tracked, delta in stopped:
-                    if self._tracked.get(delta.request_id) is not tracked or tracked.done:
+                    tracked.stopped = True
+                    if self._tracked.get(delta.request_id) is tracked and not tracked.done:
+                        del self._tracked[delta.request_id]
+                        tracked.done = True
+                        scheduler.finish_request(delta.request_id, FinishReason.STOP)
+                    elif not tracked.claimed:
                         continue  # aborted meanwhile: the abort already ended the stream
-                    del self._tracked[delta.request_id]
-                    tracked.done = True
-                    scheduler.finish_request(delta.request_id, FinishReason.STOP)
+                    # else: the scheduler finished it in a later step; this stop ends it first
                     deliveries.append((tracked.queue, delta))
                     self._record_finish(tracked, delta, now)
         self._post(deliveries)
@@ -494,7 +538,8 @@ class LLMEngine:
                 deliveries.append((tracked.queue, error))
         for _ in deliveries:
             self.metrics.on_finish("INTERNAL")
-        self._post(deliveries)
+        # Behind the detokenizer's work, so earlier tokens arrive before the error.
+        self._detok_queue.put(lambda: self._post(deliveries))
 
     def _die(self, exc: BaseException) -> None:
         logger.critical("the engine loop died: %s", exc, exc_info=exc)

@@ -359,3 +359,23 @@ async def test_not_ready_before_start(tiny_model_dir: Path) -> None:
     assert not eng.is_ready()
     with pytest.raises(UnavailableError):
         eng.generate(request("early", [5]))
+
+
+async def test_detokenization_runs_off_the_step_thread(
+    engine: LLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from autoglm_server.engine.detokenizer import IncrementalDetokenizer
+
+    threads: set[str] = set()
+    original = IncrementalDetokenizer.add
+
+    def add(self: Any, *args: Any, **kwargs: Any) -> Any:
+        threads.add(threading.current_thread().name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add", add)
+    deltas = await collect(engine, request("d1", engine.tokenize("the quick brown fox")))
+    assert "".join(d.text for d in deltas)
+    assert threads == {"autoglm-detokenizer"}
