@@ -12,12 +12,14 @@ Nothing here imports torch: ``--help`` and argument errors are instant.
 from __future__ import annotations
 
 import argparse
+import atexit
 import io
 import json
 import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -189,64 +191,74 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-class JsonStderr(io.TextIOBase):
-    """``sys.stderr`` under ``--log-format json``: every line written becomes a JSON record.
+def _json_line(text: str) -> bytes:
+    record = {
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "level": "warning",
+        "logger": "stderr",
+        "msg": text,
+    }
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode()
 
-    Libraries write to stderr behind logging's back: transformers' own handler
-    (created at its import, on whatever ``sys.stderr`` is then), tqdm progress
-    bars, ``print(file=sys.stderr)``. Each such line (``\r`` ends a progress
-    bar's line too) is wrapped as ``{"level": "warning", "logger": "stderr"}``,
-    so a log pipeline never sees a plain-text line.
+
+def capture_stderr_as_json() -> TextIO:
+    """Under ``--log-format json``, make every line written to stderr a JSON record.
+
+    Libraries write to stderr behind logging's back: transformers' own handler,
+    tqdm progress bars, and native code (xgrammar's C++, the tokenizers' Rust)
+    that writes to file descriptor 2 directly. fd 2 becomes a pipe; a daemon
+    thread turns each line of it (``\r`` ends a progress bar's line too) into
+    ``{"level": "warning", "logger": "stderr", ...}`` on the real stderr, and
+    passes lines that are JSON objects already. Returns a stream on the real
+    stderr for our own log handler.
     """
+    real = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = io.TextIOWrapper(
+        os.fdopen(2, "wb", closefd=False), encoding="utf-8", errors="replace", line_buffering=True
+    )
 
-    def __init__(self, target: TextIO) -> None:
-        self._target = target
-        self._buffer = ""
+    def pump() -> None:
+        pending = b""
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(65536):
+                *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+                for raw in lines:
+                    text = raw.decode("utf-8", "replace").rstrip()
+                    if not text.strip():
+                        continue
+                    if text.startswith("{") and text.endswith("}"):
+                        os.write(real, text.encode() + b"\n")
+                    else:
+                        os.write(real, _json_line(text))
 
-    def write(self, text: str) -> int:
-        self._buffer += text
-        *lines, self._buffer = re.split(r"[\r\n]", self._buffer)
-        for line in lines:
-            if line.strip():
-                self._emit(line)
-        return len(text)
+    thread = threading.Thread(target=pump, name="stderr-json", daemon=True)
+    thread.start()
 
-    def _emit(self, line: str) -> None:
-        record = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "level": "warning",
-            "logger": "stderr",
-            "msg": line.rstrip(),
-        }
-        self._target.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._target.flush()
+    def drain() -> None:
+        # At exit (after any uncaught traceback was printed): close the pipe's
+        # last write end so the thread reads to the end, and let it finish.
+        sys.stderr.flush()
+        os.dup2(real, 2)
+        thread.join(timeout=2.0)
 
-    def flush(self) -> None:
-        self._target.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-    def fileno(self) -> int:
-        return self._target.fileno()
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
+    atexit.register(drain)
+    return os.fdopen(os.dup(real), "w", encoding="utf-8", errors="replace", buffering=1)
 
 
 def configure_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-        # Progress bars are for terminals; library warnings go through logging.
+        # Progress bars are for terminals; Python warnings go through logging.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # its fork warning is Rust's
         logging.captureWarnings(True)
-        if not isinstance(sys.stderr, JsonStderr):
-            sys.stderr = JsonStderr(sys.stderr)
+        handler = logging.StreamHandler(capture_stderr_as_json())
+        handler.setFormatter(JsonFormatter())
     else:
+        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

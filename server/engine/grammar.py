@@ -17,6 +17,7 @@ batch in one call, and is what vLLM and SGLang ship by default.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +59,8 @@ class GrammarCompiler:
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids
         )
-        self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+        threads = max(1, min(2, os.cpu_count() or 1))  # xgrammar warns above the core count
+        self._compiler = xgr.GrammarCompiler(info, max_threads=threads)
         self._lock = threading.Lock()
 
     def compile(self, spec: GrammarSpec, field: str) -> Grammar:

@@ -34,6 +34,7 @@ its presence/frequency counts start afresh (a limitation).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,7 @@ from .scheduler import ScheduledSeq
 # Grammar rows from which their masks are filled by a thread pool, and its size
 # (bench/bench_grammar.py: below this, waking the threads costs more than it saves).
 _PARALLEL_FILL_ROWS = 16
-_FILL_THREADS = 4
+_FILL_THREADS = max(1, min(4, os.cpu_count() or 1))  # xgrammar warns above the core count
 _MAX_PARKED = 256  # freed requests whose generator / matcher are kept (preemption)
 
 

@@ -103,6 +103,10 @@ def test_json_log_format_keeps_stderr_json(start_server: type[ServerProcess]) ->
     proc = start_server("--served-model-name", "tiny", "--log-format", "json")
     proc.wait_serving()
     assert proc.http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).is_success
+    # The grammar path runs native code (xgrammar) that may write to fd 2 itself.
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    body = {"messages": [{"role": "user", "content": "x"}], "response_format": fmt}
+    assert proc.http.post("/v1/chat/completions", json={**body, "max_tokens": 8}).is_success
     assert proc.stop() == 0
     lines = [line for line in proc.log().splitlines() if line.strip()]
     assert lines
