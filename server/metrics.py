@@ -51,7 +51,8 @@ class EngineStats:
 
     running: int  # requests in the running batch
     waiting: int  # requests in the queue
-    kv_usage: float  # used KV slots / capacity, 0..1
+    kv_usage: float  # used KV cache blocks / capacity, 0..1
+    prefix_hit_rate: float = 0.0  # prompt tokens found in the prefix cache / looked up
 
 
 class _SlidingWindow:
@@ -146,8 +147,17 @@ class Metrics:
             labels, registry=r,
         ).labels(**lv)  # fmt: skip
         self._kv_usage = Gauge(
-            "autoglm_kv_cache_usage_ratio", "Used KV cache slots / capacity.", labels, registry=r
+            "autoglm_kv_cache_usage_ratio", "Used KV cache blocks / capacity.", labels, registry=r
         ).labels(**lv)
+        self._prefix_hit = Gauge(
+            "autoglm_prefix_cache_hit_ratio",
+            "Prompt tokens found in the prefix cache / prompt tokens looked up, since start.",
+            labels, registry=r,
+        ).labels(**lv)  # fmt: skip
+        self._preemptions = Counter(
+            "autoglm_preemptions", "Requests preempted (recomputed later) for KV space.",
+            labels, registry=r,
+        ).labels(**lv)  # fmt: skip
 
         self._arrivals = _SlidingWindow(WINDOW_S, clock)
         self._ttfts = _SlidingWindow(WINDOW_S, clock)
@@ -157,6 +167,7 @@ class Metrics:
         self._queue_depth.set_function(lambda: self._stat("waiting"))
         self._running.set_function(lambda: self._stat("running"))
         self._kv_usage.set_function(lambda: self._stat("kv_usage"))
+        self._prefix_hit.set_function(lambda: self._stat("prefix_hit_rate"))
         self._nvml: _Nvml | None = _Nvml.try_create() if enable_gpu else None
         if self._nvml is not None:
             self._register_gpu_gauges(self._nvml, labels, lv)
@@ -175,6 +186,9 @@ class Metrics:
     def on_first_token(self, ttft_s: float) -> None:
         self._ttft.observe(ttft_s)
         self._ttfts.add(ttft_s)
+
+    def on_preemptions(self, n: int) -> None:
+        self._preemptions.inc(n)
 
     def on_tokens(self, n: int) -> None:
         """Generated tokens (called once per step with the step's total)."""

@@ -177,6 +177,7 @@ class LLMEngine:
         # Work for the detokenizer thread, in step order; None stops it.
         self._detok_queue: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
         self._detok_thread: threading.Thread | None = None
+        self._preemptions_seen = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = False
         self._accepting = False
@@ -347,6 +348,7 @@ class LLMEngine:
             running=scheduler.num_running,
             waiting=scheduler.num_waiting,
             kv_usage=scheduler.kv_usage(),
+            prefix_hit_rate=scheduler.blocks.stats.hit_rate,
         )
 
     # -- intake ----------------------------------------------------------------------------------
@@ -410,6 +412,10 @@ class LLMEngine:
                     if self._stopping:
                         return
                     sched = scheduler.schedule()
+                    preempted = scheduler.num_preemptions - self._preemptions_seen
+                    self._preemptions_seen = scheduler.num_preemptions
+                if preempted:
+                    self.metrics.on_preemptions(preempted)
                 if sched.is_empty:
                     if sched.freed_slots:
                         self._runner.execute(sched)

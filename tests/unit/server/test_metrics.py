@@ -27,6 +27,8 @@ EXPECTED = {
     "autoglm_requests_per_second": "gauge",
     "autoglm_time_to_first_token_p95_seconds": "gauge",
     "autoglm_kv_cache_usage_ratio": "gauge",
+    "autoglm_prefix_cache_hit_ratio": "gauge",
+    "autoglm_preemptions_total": "counter",
 }
 
 
@@ -56,7 +58,8 @@ def test_names_types_and_labels_match_the_contract() -> None:
 
 def test_counters_histograms_and_engine_gauges() -> None:
     m = Metrics("m", "v", enable_gpu=False)
-    m.track_engine(lambda: EngineStats(running=3, waiting=5, kv_usage=0.375))
+    m.track_engine(lambda: EngineStats(running=3, waiting=5, kv_usage=0.375, prefix_hit_rate=0.5))
+    m.on_preemptions(2)
     m.on_arrival(7)
     m.on_tokens(4)
     m.on_first_token(0.2)
@@ -75,6 +78,8 @@ def test_counters_histograms_and_engine_gauges() -> None:
     assert get("autoglm_running_requests", lv) == 3
     assert get("autoglm_queue_depth", lv) == 5
     assert get("autoglm_kv_cache_usage_ratio", lv) == 0.375
+    assert get("autoglm_prefix_cache_hit_ratio", lv) == 0.5
+    assert get("autoglm_preemptions_total", lv) == 2
 
 
 def test_sliding_windows_for_rps_and_ttft_p95() -> None:
