@@ -292,6 +292,41 @@ def burst(cluster: Any, size: int, timeout_s: float, audit: Path, pid: int) -> d
     }
 
 
+def add_nodes(cluster: Any, count: int, gpus: int, timeout_s: float = 900) -> None:
+    """Create ``count`` kwok GPU nodes in chunks (one 500-node apply can outlast kubectl's
+    timeout on a busy machine) and wait until they are all Ready."""
+    from autoglm_dev.cluster import build_node_manifest
+
+    for first in range(0, count, 100):
+        items = [
+            build_node_manifest(f"gpu-node-{i}", gpus)
+            for i in range(first, min(count, first + 100))
+        ]
+        cluster.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+            timeout=300,
+        )
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = json.loads(cluster.kubectl("get", "nodes", "-o", "json", timeout=120).stdout)
+        ready = [
+            n
+            for n in nodes["items"]
+            if any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in n.get("status", {}).get("conditions") or []
+            )
+        ]
+        if len(ready) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(ready)}/{count} nodes Ready after {timeout_s}s")
+        time.sleep(5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -314,13 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="autoglm-scale-"))
     cluster = LocalCluster(
         workdir / "cluster",
-        nodes=args.nodes,
+        nodes=min(args.nodes, 4),
         gpus_per_node=args.gpus_per_node,
         die_with_parent=True,
     )
     load_before = os.getloadavg()
     t0 = time.monotonic()
     cluster.start(timeout_s=600)
+    add_nodes(cluster, args.nodes, args.gpus_per_node)
     cluster_start_s = time.monotonic() - t0
     os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
     import kubernetes
