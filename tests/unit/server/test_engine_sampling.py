@@ -173,3 +173,23 @@ def test_a_preempted_request_keeps_its_grammar_and_generator(grammar: Any) -> No
             break
     assert out[-1] in tokenizer.all_special_ids
     json.loads(tokenizer.decode(out[:-1]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_p_without_a_sort_keeps_the_nucleus(device: str) -> None:
+    """The nucleus: the smallest set of most likely tokens whose mass reaches top_p."""
+    s = Sampler(4, 1000, torch.device(device))
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 1000, generator=gen) * torch.tensor([[0.5], [2.0], [5.0], [20.0]])).to(
+        device
+    )
+    top_p = torch.tensor([0.9, 0.5, 0.99, 0.3], device=device)
+    slots = torch.arange(4, device=device)
+    s._top_p[slots] = top_p
+    kept = s._apply_top_p(logits, slots) > float("-inf")
+    probs = logits.softmax(-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs
+    want = torch.zeros_like(kept).scatter_(1, order, before < top_p.unsqueeze(1))
+    assert torch.equal(kept, want)
+    assert kept.sum(-1).tolist()[3] >= 1
