@@ -558,7 +558,8 @@ class LocalCluster:
             f"--client-ca-file={pki.client_ca_cert}",
             "--authorization-mode=RBAC",
             "--allow-privileged=true",
-            "--service-cluster-ip-range=10.0.0.0/24",
+            # Room for thousands of Services (a /24 runs out at 254 ClusterIPs).
+            "--service-cluster-ip-range=10.0.0.0/16",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
