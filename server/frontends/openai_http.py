@@ -229,27 +229,40 @@ def _usage_json(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 class _OpenStreams:
     """The admitted engine streams of one request (one per choice)."""
 
-    def __init__(self, stack: contextlib.AsyncExitStack, streams: list[GenerationStream]):
+    def __init__(
+        self,
+        stack: contextlib.AsyncExitStack,
+        streams: list[GenerationStream],
+        primed: dict[int, GenerationDelta] | None = None,
+    ):
         self.stack = stack
         self.streams = streams
+        self._primed = primed or {}  # first deltas already read (see _open)
+
+    async def _deltas(self, index: int) -> AsyncIterator[GenerationDelta]:
+        first = self._primed.pop(index, None)
+        if first is not None:
+            yield first
+        async for delta in self.streams[index]:
+            yield delta
 
     async def merged(self) -> AsyncIterator[tuple[int, GenerationDelta]]:
         """(choice index, delta) as they come, from every stream."""
         if len(self.streams) == 1:
-            async for delta in self.streams[0]:
+            async for delta in self._deltas(0):
                 yield 0, delta
             return
         queue: asyncio.Queue[tuple[int, GenerationDelta | BaseException | None]] = asyncio.Queue()
 
-        async def pump(index: int, stream: GenerationStream) -> None:
+        async def pump(index: int) -> None:
             try:
-                async for delta in stream:
+                async for delta in self._deltas(index):
                     queue.put_nowait((index, delta))
                 queue.put_nowait((index, None))
             except Exception as exc:
                 queue.put_nowait((index, exc))
 
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.streams))]
         try:
             live = len(tasks)
             while live:
@@ -269,20 +282,34 @@ class _OpenStreams:
         await self.stack.aclose()
 
 
+def _shares_prefixes(engine: AsyncEngine) -> bool:
+    """Does the engine reuse the KV of a prompt another request computed (prefix caching)?"""
+    return bool(getattr(getattr(engine, "config", None), "prefix_caching", False))
+
+
 async def _open(state: ServerState, gens: list[GenerationRequest]) -> _OpenStreams:
-    """Admit the request and start every engine request (admission errors raise here)."""
+    """Admit the request and start every engine request (admission errors raise here).
+
+    With n > 1 on an engine with prefix caching, the first choice runs its
+    prefill alone; the others start once its first token is out, so they find
+    the prompt's KV blocks in the cache instead of computing them again.
+    """
     stack = contextlib.AsyncExitStack()
+    primed: dict[int, GenerationDelta] = {}
     try:
         engine = stack.enter_context(state.admit())
+        share = len(gens) > 1 and _shares_prefixes(engine)
         streams = []
-        for gen in gens:
+        for i, gen in enumerate(gens):
             stream = GenerationStream(engine, gen)
             stack.push_async_exit(stream)
             streams.append(stream)
+            if share and i == 0:
+                primed[0] = await anext(stream)
     except BaseException:
         await stack.aclose()
         raise
-    return _OpenStreams(stack, streams)
+    return _OpenStreams(stack, streams, primed)
 
 
 async def _until_disconnect(request: Request) -> None:

@@ -47,6 +47,7 @@ class FakeStream(AsyncIterator[GenerationDelta]):
         if last:
             self._engine.running.discard(self._request.request_id)
         script = self._engine.script
+        self._engine.events.append(("delta", self._request.request_id))
         delta = GenerationDelta(
             request_id=self._request.request_id,
             text=script[self._sent - 1] if script else self._engine.token_text,
@@ -92,6 +93,8 @@ class FakeEngine:
         self.fail_mid_stream: BaseException | None = None
         self.finish_reason = FinishReason.LENGTH  # how every request ends
         self.script: list[str] = []  # if set: the texts of the deltas, one per step
+        self.events: list[tuple[str, str]] = []  # ("generate" | "delta", request id), in order
+        self.config: object = None  # an EngineConfig-like object (prefix_caching)
         self.requests: list[GenerationRequest] = []
         self.aborted: list[str] = []
         self.abort_codes: dict[str, str] = {}  # request id -> the code it was aborted with
@@ -126,6 +129,7 @@ class FakeEngine:
         return self.tokenize(text)
 
     def generate(self, request: GenerationRequest) -> FakeStream:
+        self.events.append(("generate", request.request_id))
         if self.admission_error is not None:
             raise self.admission_error
         if request.priority >= 2:

@@ -224,3 +224,22 @@ async def test_n_choices_are_separate_requests_with_their_own_seeds(h: Harness) 
     events = [json.loads(e[6:]) for e in resp.text.split("\n\n") if e.startswith("data: {")]
     finished = sorted(c["choices"][0]["index"] for c in events if c["choices"][0]["finish_reason"])
     assert finished == [0, 1]
+
+
+@pytest.mark.parametrize("caching", [True, False])
+async def test_n_choices_share_the_prompt_when_the_engine_caches_prefixes(
+    h: Harness, caching: bool
+) -> None:
+    from types import SimpleNamespace
+
+    h.engine.config = SimpleNamespace(prefix_caching=caching)
+    resp = await h.client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "n": 3})
+    assert len(resp.json()["choices"]) == 3
+    first, second, third = (r.request_id for r in h.engine.requests)
+    events = h.engine.events
+    started = [e for e in events if e[0] == "generate"]
+    assert started == [("generate", first), ("generate", second), ("generate", third)]
+    if caching:  # the others start after the first's prefill (its first token) is done
+        assert events.index(("delta", first)) < events.index(("generate", second))
+    else:
+        assert events[:3] == started
