@@ -18,6 +18,7 @@ server-side apply itself would leave them.
 
 from __future__ import annotations
 
+import functools
 import json
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -77,12 +78,18 @@ def compute_owned_view(obj: Any, fields: dict[str, Any], *, whole: bool = False)
     return out
 
 
+@functools.lru_cache(maxsize=8192)
+def _parse_key(raw: str) -> Any:
+    """A ``k:``/``v:`` key's JSON, parsed once (the same keys recur in every reconcile)."""
+    return json.loads(raw)
+
+
 def _owned_list(items: list[Any], fields: dict[str, Any], whole: bool) -> list[Any]:
     out: list[Any] = []
     for item in items:
         for key, sub in fields.items():
             if key.startswith("k:"):
-                ident = json.loads(key[2:])
+                ident = _parse_key(key[2:])
                 if isinstance(item, dict) and all(item.get(k) == v for k, v in ident.items()):
                     out.append(
                         compute_owned_view(item, sub, whole=whole)
@@ -90,7 +97,7 @@ def _owned_list(items: list[Any], fields: dict[str, Any], whole: bool) -> list[A
                         else item
                     )
                     break
-            elif key.startswith("v:") and item == json.loads(key[2:]):
+            elif key.startswith("v:") and item == _parse_key(key[2:]):
                 out.append(item)
                 break
     return out
