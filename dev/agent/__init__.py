@@ -40,7 +40,11 @@ registers ``gpu-live-<i>`` nodes and plays their kubelet for server pods:
   benchmarking (RFC 2544) and never routed; traffic to it never leaves the
   machine. This needs CAP_NET_ADMIN; without it the agent stops with that
   message (``--pod-network 127.1.0.0/16`` runs anyway, with pods that no
-  Service lists).
+  Service lists). Several clusters share one machine (tests, the demo, other
+  checkouts), so each agent claims its own /20 of 198.18.0.0/15 (the first one
+  whose lock file under ``$TMPDIR/autoglm-pod-networks`` no running agent
+  holds; a restarted agent takes the block its nodes already have): the
+  ``198.18.<i+1>`` above is the first block's; read a node's ``spec.podCIDR``.
 - **Probes** are the pod's own (gRPC health, HTTP GET, TCP; exec is not run and
   counts as success), with initialDelaySeconds, periodSeconds, timeoutSeconds
   and the thresholds honoured; liveness and readiness start once the startup

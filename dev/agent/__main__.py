@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubelet-version", default=None)
     p.add_argument(
         "--pod-network",
-        default="198.18.0.0/16",
-        help="node i gets its (i+1)-th /24, added to the loopback interface",
+        default="auto",
+        help="node i gets its (i+1)-th /24, added to the loopback interface; auto: the "
+        "first /20 of 198.18.0.0/15 that no other running agent holds",
     )
     p.add_argument("-v", "--verbose", action="store_true")
     return p

@@ -32,8 +32,20 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # so it is as local as 127.0.0.0/8. 127.0.0.0/8 itself can't be used:
 # EndpointSlice validation (ValidateEndpointIP) refuses loopback addresses, so no
 # Service would ever list such a pod.
-POD_NETWORK = ipaddress.IPv4Network("198.18.0.0/16")
+POD_NETWORK = ipaddress.IPv4Network("198.18.0.0/20")
 LOOPBACK_NETWORK = ipaddress.IPv4Network("127.0.0.0/8")
+# Several clusters may run on one machine (tests, the demo, other checkouts):
+# each agent claims one /20 of 198.18.0.0/15 (15 nodes of /24) for itself.
+POD_NETWORK_POOL = ipaddress.IPv4Network("198.18.0.0/15")
+POD_NETWORK_PREFIX = 20
+
+
+def plan_pod_network_blocks(
+    pool: ipaddress.IPv4Network = POD_NETWORK_POOL, prefix: int = POD_NETWORK_PREFIX
+) -> list[ipaddress.IPv4Network]:
+    """The pod networks an agent may claim, in the order it tries them."""
+    return list(pool.subnets(new_prefix=prefix))
+
 
 # The server image's entrypoint and environment (Dockerfile.server).
 SERVER_ENTRYPOINT = "autoglm-server"

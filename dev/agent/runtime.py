@@ -12,19 +12,21 @@ import asyncio
 import base64
 import contextlib
 import ctypes
+import fcntl
 import ipaddress
 import logging
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import grpc
@@ -97,11 +99,8 @@ class AgentConfig:
     server_bin: str = ""
     kubelet_version: str = "v0.0.0"
     models_root: Path | None = None
-    pod_network: str = str(plan.POD_NETWORK)
-
-    @property
-    def network(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Network(self.pod_network)
+    pod_network: str = "auto"  # or a network whose /24s are the nodes' podCIDRs
+    lock_dir: Path = Path(tempfile.gettempdir()) / "autoglm-pod-networks"
 
     @property
     def indices(self) -> range:
@@ -112,12 +111,43 @@ class AgentConfig:
         return self.models_root or self.workdir / "models"
 
 
+def claim_pod_network(
+    requested: str, lock_dir: Path, prefer: ipaddress.IPv4Network | None = None
+) -> tuple[ipaddress.IPv4Network, IO[str]]:
+    """Claim a pod network for this agent's lifetime: the first candidate whose
+    lock file (machine-wide, under ``lock_dir``) no running agent holds. The lock
+    goes with the process, so a killed agent frees its network. ``prefer``: the
+    block a restarted agent's nodes already have (their podCIDRs are immutable)."""
+    if requested == "auto":
+        candidates = plan.plan_pod_network_blocks()
+        if prefer is not None:
+            candidates = [b for b in candidates if prefer.subnet_of(b)] + [
+                b for b in candidates if not prefer.subnet_of(b)
+            ]
+    else:
+        candidates = [ipaddress.IPv4Network(requested)]
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    for network in candidates:
+        fh = (lock_dir / f"{network.network_address}_{network.prefixlen}.lock").open("w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            continue
+        return network, fh
+    raise AgentError(
+        f"no free pod network: {', '.join(map(str, candidates))} are all held by running agents"
+    )
+
+
 class NodeAgent:
     """The kubelet of the live nodes, for server pods."""
 
     def __init__(self, config: AgentConfig, kube: KubeClient) -> None:
         self.config = config
         self.kube = kube
+        self.network = plan.POD_NETWORK  # claimed in run()
+        self._network_lock: IO[str] | None = None
         self.ctx = NodeContext(
             server_bin=config.server_bin,
             path=os.pathsep.join(
@@ -136,11 +166,11 @@ class NodeAgent:
 
     async def _add_loopback_alias(self, index: int) -> None:
         """Make node ``index``'s pod network local: its /24 on the loopback interface."""
-        alias = plan.compute_loopback_alias(index, self.config.network)
+        alias = plan.compute_loopback_alias(index, self.network)
         if alias is None:
             log.warning(
                 "pod network %s is inside 127.0.0.0/8: EndpointSlices can't list its pods",
-                self.config.network,
+                self.network,
             )
             return
         rc, err = await _ip("addr", "add", alias, "dev", "lo")
@@ -157,6 +187,16 @@ class NodeAgent:
     async def run(self, stop: asyncio.Event) -> None:
         for sub in ("pods", "logs/pods"):
             (self.config.workdir / sub).mkdir(parents=True, exist_ok=True)
+        prefer = None
+        with contextlib.suppress(KubeError, ValueError):
+            node = await self.kube.get(
+                f"/api/v1/nodes/{plan.live_node_name(self.config.first_node)}"
+            )
+            if node is not None and node.get("spec", {}).get("podCIDR"):
+                prefer = ipaddress.IPv4Network(node["spec"]["podCIDR"])
+        self.network, self._network_lock = claim_pod_network(
+            self.config.pod_network, self.config.lock_dir, prefer
+        )
         for i in self.config.indices:
             await self._add_loopback_alias(i)
         for attempt in range(60):
@@ -172,8 +212,9 @@ class NodeAgent:
         for i in self.config.indices:
             self._tasks.append(asyncio.create_task(self._watch_node(i), name=f"watch-{i}"))
         log.info(
-            "node agent up: nodes %s, at most %d server processes",
+            "node agent up: nodes %s, pod network %s, at most %d server processes",
             ", ".join(plan.live_node_name(i) for i in self.config.indices),
+            self.network,
             self.config.max_processes,
         )
         await stop.wait()
@@ -194,7 +235,7 @@ class NodeAgent:
 
     async def register_nodes(self) -> None:
         for i in self.config.indices:
-            node = plan.build_live_node(i, self.config.gpus_per_node, self.config.network)
+            node = plan.build_live_node(i, self.config.gpus_per_node, self.network)
             name = node["metadata"]["name"]
             created = await self.kube.create("/api/v1/nodes", node)
             if created is None:
@@ -217,7 +258,7 @@ class NodeAgent:
             self.config.gpus_per_node,
             rfc3339(),
             self.config.kubelet_version,
-            self.config.network,
+            self.network,
         )
         await self.kube.merge_patch(
             f"/api/v1/nodes/{plan.live_node_name(index)}/status", {"status": status}
@@ -312,7 +353,7 @@ class NodeAgent:
 
     def allocate_ip(self, index: int, uid: str, existing: str | None) -> str:
         ips = self._ips[index]
-        cidr = plan.compute_pod_cidr(index, self.config.network)
+        cidr = plan.compute_pod_cidr(index, self.network)
         if (
             existing
             and existing in [str(h) for h in cidr.hosts()]
@@ -556,7 +597,7 @@ class PodWorker:
             phase = "Running"
         return PodView(
             phase=phase,
-            host_ip=plan.compute_node_ip(self.node_index, self.agent.config.network),
+            host_ip=plan.compute_node_ip(self.node_index, self.agent.network),
             pod_ip=self.ip,
             start_time=self.start_time,
             containers=views,

@@ -4,6 +4,7 @@ EndpointSlices list."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -103,6 +104,13 @@ def ready_addresses(kube: Kube, service: str) -> list[str]:
             if (ep.get("conditions") or {}).get("ready"):
                 out.extend(ep.get("addresses") or [])
     return sorted(out)
+
+
+def node_network(cluster: Any, node: str) -> tuple[ipaddress.IPv4Network, str]:
+    """(podCIDR, InternalIP) of a node, as its agent registered it."""
+    obj = json.loads(cluster.kubectl("get", "node", node, "-o", "json").stdout)
+    internal = next(a["address"] for a in obj["status"]["addresses"] if a["type"] == "InternalIP")
+    return ipaddress.IPv4Network(obj["spec"]["podCIDR"]), str(internal)
 
 
 def wait_for(

@@ -1,6 +1,6 @@
 """The node agent on its own: a second agent with a cap of one process.
 
-It takes node ``gpu-live-5`` (podCIDR 198.18.6.0/24) beside the session's
+It takes node ``gpu-live-5`` (its own pod network) beside the session's
 agent, runs bare pods bound to that node, and is stopped at the end, which
 must leave no process of its pods behind.
 """
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from live_helpers import MODEL_SOURCE, Kube, container_status, wait_for
+from live_helpers import MODEL_SOURCE, Kube, container_status, node_network, wait_for
 
-from autoglm_dev.agent import compute_pod_cidr, live_node_name
+from autoglm_dev.agent import live_node_name
 from autoglm_dev.cluster import LocalCluster
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
@@ -129,7 +129,11 @@ def test_the_process_cap_holds_a_pod_back_with_an_event_and_stop_leaves_nothing(
         return pod if pod and container_status(pod).get("ready") else None
 
     first = wait_for(lambda: ready("first"), timeout=120, message="pod first to be Ready")
-    assert ipaddress.IPv4Address(first["status"]["podIP"]) in compute_pod_cidr(NODE_INDEX)
+    # Its own pod network: another /20 than the session's agent.
+    pod_cidr, _ = node_network(kube.cluster, live_node_name(NODE_INDEX))
+    session_cidr, _ = node_network(kube.cluster, live_node_name(0))
+    assert ipaddress.IPv4Address(first["status"]["podIP"]) in pod_cidr
+    assert not pod_cidr.overlaps(session_cidr.supernet(new_prefix=20))
 
     kube.apply(_bare_pod("second"))
 

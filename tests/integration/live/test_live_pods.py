@@ -18,18 +18,15 @@ from live_helpers import (
     container_status,
     describe_pods,
     live_agd,
+    node_network,
     ready_addresses,
     wait_for,
 )
 
-from autoglm_dev.agent import compute_pod_cidr
-from autoglm_dev.agent.plan import compute_node_ip
 from autoglm_dev.cluster import LocalCluster
 from autoglm_server.client import AutoGLMClient
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
-
-LIVE_CIDR = compute_pod_cidr(0)
 
 
 def _ts(value: str) -> float:
@@ -87,13 +84,15 @@ def test_pods_serve_grpc_and_openai_at_their_endpointslice_addresses(
 
     pods = kube.pods("serve")
     assert len(pods) == 2, describe_pods(kube, "serve")
+    pod_cidr, node_ip = node_network(live_cluster, "gpu-live-0")
+    assert not pod_cidr.subnet_of(ipaddress.IPv4Network("127.0.0.0/8"))
     ips = []
     for pod in pods:
         st = pod["status"]
         assert st["phase"] == "Running"
-        assert ipaddress.IPv4Address(st["podIP"]) in LIVE_CIDR
+        assert ipaddress.IPv4Address(st["podIP"]) in pod_cidr
         assert st["podIPs"] == [{"ip": st["podIP"]}]
-        assert st["hostIP"] == compute_node_ip(0)
+        assert st["hostIP"] == node_ip
         cs = container_status(pod)
         assert cs["ready"] is True and cs["started"] is True and cs["restartCount"] == 0
         ips.append(st["podIP"])

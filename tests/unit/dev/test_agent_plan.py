@@ -287,3 +287,24 @@ def test_crash_loop_status() -> None:
     assert cs["state"]["waiting"]["reason"] == "CrashLoopBackOff"
     assert cs["lastState"] == last
     assert cs["restartCount"] == 2 and cs["ready"] is False
+
+
+def test_each_running_agent_claims_its_own_pod_network(tmp_path: Path) -> None:
+    from autoglm_dev.agent.runtime import AgentError, claim_pod_network
+
+    blocks = plan.plan_pod_network_blocks()
+    assert len(blocks) == 32 and str(blocks[0]) == "198.18.0.0/20"
+    assert all(not b.subnet_of(ipaddress.IPv4Network("127.0.0.0/8")) for b in blocks)
+    first, lock1 = claim_pod_network("auto", tmp_path)
+    second, lock2 = claim_pod_network("auto", tmp_path)
+    assert (str(first), str(second)) == ("198.18.0.0/20", "198.18.16.0/20")
+    # A restarted agent prefers the block its nodes' podCIDRs are in.
+    third, lock3 = claim_pod_network("auto", tmp_path, ipaddress.IPv4Network("198.18.81.0/24"))
+    assert str(third) == "198.18.80.0/20"
+    with pytest.raises(AgentError, match="no free pod network"):
+        claim_pod_network(str(first), tmp_path)
+    lock1.close()  # the agent exits: its network is free again
+    again, lock4 = claim_pod_network("auto", tmp_path)
+    assert again == first
+    for fh in (lock2, lock3, lock4):
+        fh.close()
