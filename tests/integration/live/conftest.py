@@ -44,12 +44,24 @@ def live_operator(
     live_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     install_crd(live_cluster)
+    before = _namespaces(live_cluster)
     log_path = tmp_path_factory.mktemp("live-operator") / "operator.log"
     op = start_operator(live_cluster.kubeconfig, log_path, RESYNC_SECONDS)
     try:
         yield op
     finally:
+        # AutoGLMDeployments of this module's namespaces go while the operator
+        # can still remove its finalizer; then the operator stops.
+        for ns in sorted(_namespaces(live_cluster) - before):
+            live_cluster.kubectl(
+                "delete", "agd", "--all", "-n", ns, "--timeout=90s", check=False, timeout=120
+            )
         op.stop()
+
+
+def _namespaces(cluster: LocalCluster) -> set[str]:
+    out = cluster.kubectl("get", "namespaces", "-o", "name", check=False).stdout
+    return {line.split("/", 1)[1] for line in out.split() if "/" in line}
 
 
 @pytest.fixture
