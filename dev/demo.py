@@ -1,12 +1,18 @@
 """``autoglm-dev demo``: the whole product on one machine, step by step.
 
-1. the local control plane with GPU nodes;
+1. the local control plane: kwok GPU nodes, one live GPU node whose pods run
+   as real processes (``autoglm_dev.agent``), and the add-ons
+   (``autoglm_dev.addons``): Prometheus, prometheus-adapter, the Gateway API
+   with Traefik as its data plane;
 2. the CRD;
-3. the operator (``kopf run``), reconciling an ``AutoGLMDeployment`` into its
-   children until ``Ready=True``;
-4. the inference server on a tiny GLM built locally (pods on kwok nodes don't
-   run containers, so the same server runs here as a process);
-5. one gRPC request and one OpenAI-compatible HTTP request.
+3. the operator (``kopf run``), reconciling an ``AutoGLMDeployment`` with an
+   HPA into its children until ``Ready=True``; its pod runs the real
+   ``autoglm-server`` on a tiny GLM built locally, at the pod's IP;
+4. an HTTPRoute and a GRPCRoute from the Gateway to the model's Service;
+5. one gRPC request and one OpenAI-compatible HTTP request, sent to the
+   Gateway, answered by the server in the operator's pod;
+6. the autoscaling view: ``kubectl get hpa``, the custom metric the HPA reads
+   through the adapter, and the Prometheus query behind it.
 """
 
 from __future__ import annotations
@@ -16,16 +22,28 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from .binaries import cache_root
-from .cluster import CRD_NAME, LocalCluster, free_port, install_crd
+from .addons import (
+    ADDONS_NAMESPACE,
+    CUSTOM_METRICS_APISERVICES,
+    GATEWAY_LISTENER,
+    GATEWAY_NAME,
+    endpoints,
+)
+from .cluster import CRD_NAME, LocalCluster, install_crd
 from .waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-EXAMPLE = ROOT / "manifests" / "examples" / "minimal.yaml"
+NAME = "demo"
+NAMESPACE = "default"
+MODEL_SOURCE = "hf://autoglm-demo/tiny-glm4"
+HPA_METRIC = "autoglm_requests_per_second"
+GRPC_PORT, HTTP_PORT = 8001, 8000
 
 
 def _step(text: str) -> None:
@@ -61,23 +79,139 @@ def _alive_or_fail(proc: subprocess.Popen[bytes], name: str, log: Path) -> None:
         raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{tail}")
 
 
+def _apply(cluster: LocalCluster, manifest: dict[str, Any]) -> None:
+    cluster.kubectl(
+        "apply", "--server-side", "-n", NAMESPACE, "-f", "-", input=json.dumps(manifest)
+    )
+
+
+def build_demo_deployment(placement: dict[str, Any]) -> dict[str, Any]:
+    """The demo's AutoGLMDeployment: a tiny GLM on the live node, 1 to 2
+    replicas on requests per second."""
+    return {
+        "apiVersion": "serving.autoglm.io/v1alpha1",
+        "kind": "AutoGLMDeployment",
+        "metadata": {"name": NAME},
+        "spec": {
+            "model": {"source": MODEL_SOURCE, "servedName": "tiny-glm"},
+            "resources": {**placement, "cpu": "1", "memory": "2Gi", "shmSize": "64Mi"},
+            "server": {"batching": {"maxBatchSize": 4, "maxBatchTokens": 512}},
+            "autoscaling": {
+                "minReplicas": 1,
+                "maxReplicas": 2,
+                "scaleDownStabilizationSeconds": 30,
+                "targets": [{"type": "requestsPerSecond", "averageValue": "5"}],
+            },
+        },
+    }
+
+
+def build_routes(service: str, grpc_service: str) -> list[dict[str, Any]]:
+    """An HTTPRoute (OpenAI API) and a GRPCRoute (autoglm.v1 and health) from
+    the cluster's Gateway to the model's pods."""
+    parent = {"name": GATEWAY_NAME, "namespace": ADDONS_NAMESPACE, "sectionName": GATEWAY_LISTENER}
+    return [
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": NAME},
+            "spec": {
+                "parentRefs": [parent],
+                "rules": [
+                    {
+                        "matches": [{"path": {"type": "PathPrefix", "value": "/v1"}}],
+                        "backendRefs": [{"name": service, "port": HTTP_PORT}],
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "GRPCRoute",
+            "metadata": {"name": NAME},
+            "spec": {
+                "parentRefs": [parent],
+                "rules": [
+                    {
+                        "matches": [
+                            {"method": {"service": "autoglm.v1.AutoGLM"}},
+                            {"method": {"service": "grpc.health.v1.Health"}},
+                        ],
+                        "backendRefs": [{"name": grpc_service, "port": GRPC_PORT}],
+                    }
+                ],
+            },
+        },
+    ]
+
+
+def build_h2c_service(selector: dict[str, str]) -> dict[str, Any]:
+    """The model's gRPC port with appProtocol ``kubernetes.io/h2c``, which Gateway
+    API defines for cleartext HTTP/2 (GEP-1911) and Traefik requires for a
+    GRPCRoute's backend; the operator's Service says ``grpc``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"{NAME}-grpc"},
+        "spec": {
+            "selector": selector,
+            "ports": [
+                {
+                    "name": "grpc",
+                    "port": GRPC_PORT,
+                    "targetPort": "grpc",
+                    "appProtocol": "kubernetes.io/h2c",
+                }
+            ],
+        },
+    }
+
+
+def _route_ready(cluster: LocalCluster, kind: str) -> bool:
+    obj = json.loads(cluster.kubectl("get", kind, NAME, "-n", NAMESPACE, "-o", "json").stdout)
+    for parent in obj.get("status", {}).get("parents") or []:
+        conds = {c["type"]: c["status"] for c in parent.get("conditions") or []}
+        if conds.get("Accepted") == "True" and conds.get("ResolvedRefs") == "True":
+            return True
+    return False
+
+
+def _prometheus_query(prometheus: str, query: str) -> list[dict[str, Any]]:
+    url = f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        result: list[dict[str, Any]] = json.loads(resp.read())["data"]["result"]
+    return result
+
+
 def run_demo(cluster: LocalCluster, keep: bool = False) -> int:
+    from .agent import build_live_placement, install_tiny_model
+
     operator: subprocess.Popen[bytes] | None = None
-    server: subprocess.Popen[bytes] | None = None
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
     try:
-        _step("1/5 Local Kubernetes control plane with simulated GPU nodes")
+        _step(
+            "1/6 Local Kubernetes: control plane, GPU nodes, Prometheus, metrics adapter, Gateway"
+        )
         started = time.monotonic()
         state = cluster.start()
+        cluster.start_agent(1)
+        cluster.start_addons()
+        state = cluster.load_state() or state
+        ends = endpoints(state)
         print(f"up in {time.monotonic() - started:.1f}s at {state.server}")
+        print(f"Prometheus {ends.prometheus}, Gateway {ends.gateway} (Traefik)")
         env["KUBECONFIG"] = state.kubeconfig
         _show(cluster, "get", "nodes", "-L", "nvidia.com/gpu.product", "-L", "nvidia.com/gpu.count")
+        _show(cluster, "get", "gateway", "-n", ADDONS_NAMESPACE)
+        _show(cluster, "get", "apiservices", *CUSTOM_METRICS_APISERVICES)
 
-        _step("2/5 The AutoGLMDeployment CRD")
+        _step("2/6 The AutoGLMDeployment CRD")
         install_crd(cluster)
         _show(cluster, "get", "crd", CRD_NAME)
 
-        _step("3/5 The operator reconciles manifests/examples/minimal.yaml")
+        _step("3/6 The operator reconciles an AutoGLMDeployment; its pod runs the server")
+        model_dir = install_tiny_model(cluster.workdir, MODEL_SOURCE)
+        print(f"{MODEL_SOURCE} -> {model_dir} (a tiny GLM with random weights, built locally)")
         logs = cluster.workdir / "logs"
         op_log = logs / "operator.log"
         operator = _spawn(
@@ -95,98 +229,91 @@ def run_demo(cluster: LocalCluster, keep: bool = False) -> int:
         print(
             f"$ kopf run --standalone --all-namespaces -m autoglm_operator.handlers   (log: {op_log})"
         )
-        cluster.kubectl("apply", "-n", "default", "-f", str(EXAMPLE))
-        print(f"$ kubectl apply -f {EXAMPLE.relative_to(ROOT)}")
+        manifest = build_demo_deployment(build_live_placement())
+        _apply(cluster, manifest)
+        print(f"$ kubectl apply -f -  <<< {json.dumps(manifest)}")
 
         def ready() -> bool:
             _alive_or_fail(operator, "the operator", op_log)
             obj = json.loads(
-                cluster.kubectl("get", "agd", "minimal", "-n", "default", "-o", "json").stdout
+                cluster.kubectl("get", "agd", NAME, "-n", NAMESPACE, "-o", "json").stdout
             )
             conds = {c["type"]: c["status"] for c in obj.get("status", {}).get("conditions", [])}
             return conds.get("Ready") == "True"
 
-        wait_until(ready, timeout=120, message="AutoGLMDeployment/minimal to be Ready")
-        _show(cluster, "get", "agd", "-n", "default")
+        wait_until(
+            ready,
+            timeout=300,
+            interval=0.5,
+            message=f"AutoGLMDeployment/{NAME} to be Ready (agent log: {logs / 'agent.log'})",
+        )
+        _show(cluster, "get", "agd", "-n", NAMESPACE)
         _show(
             cluster,
             "get",
-            "deployments,services,hpa,pdb,pods",
+            "deployments,services,hpa,pods",
             "-n",
-            "default",
+            NAMESPACE,
             "-l",
-            "app.kubernetes.io/instance=minimal",
+            f"app.kubernetes.io/instance={NAME}",
             "-o",
             "wide",
         )
 
-        _step("4/5 The inference server on a tiny GLM (random weights, locally trained tokenizer)")
-        from autoglm_server.testing import build_tiny_model
+        _step("4/6 Routes from the Gateway to the model's Service")
+        service = json.loads(
+            cluster.kubectl("get", "service", NAME, "-n", NAMESPACE, "-o", "json").stdout
+        )
+        _apply(cluster, build_h2c_service(service["spec"]["selector"]))
+        for route in build_routes(NAME, f"{NAME}-grpc"):
+            _apply(cluster, route)
+        for kind in ("httproute", "grpcroute"):
+            wait_until(
+                lambda kind=kind: _route_ready(cluster, kind),  # type: ignore[misc]
+                timeout=60,
+                message=f"{kind}/{NAME} accepted by the Gateway",
+            )
+        _show(cluster, "get", "httproutes,grpcroutes", "-n", NAMESPACE)
+        _show(
+            cluster,
+            "get",
+            "endpointslices",
+            "-n",
+            NAMESPACE,
+            "-l",
+            f"kubernetes.io/service-name={NAME}",
+        )
 
-        model_dir = build_tiny_model(cache_root() / "demo" / "tiny-glm4")
-        grpc_port, http_port = free_port(), free_port()
-        srv_log = logs / "server.log"
-        server = _spawn(
-            [
-                str(BIN / "autoglm-server"),
-                "--model",
-                str(model_dir),
-                "--served-model-name",
-                "tiny-glm",
-                "--host",
-                "127.0.0.1",
-                "--grpc-port",
-                str(grpc_port),
-                "--http-port",
-                str(http_port),
-                "--metrics-port",
-                "0",
-                "--device",
-                "cpu",
-            ],
-            srv_log,
-            env,
-        )
-        print(
-            f"$ autoglm-server --model {model_dir} --grpc-port {grpc_port} --http-port {http_port}"
-        )
-        target = f"127.0.0.1:{grpc_port}"
+        _step("5/6 Requests through the Gateway to the server in the operator's pod")
+        target = f"127.0.0.1:{ends.gateway_port}"
 
         def serving() -> bool:
-            _alive_or_fail(server, "the server", srv_log)
+            _alive_or_fail(operator, "the operator", op_log)
             probe = subprocess.run(
-                [str(BIN / "autoglm"), "--target", target, "--timeout", "2", "health"],
+                [str(BIN / "autoglm"), "--target", target, "--timeout", "5", "health"],
                 capture_output=True,
                 text=True,
                 env=env,
+                check=False,
             )
             return probe.returncode == 0
 
-        wait_until(
-            serving, timeout=180, interval=0.5, message="the server's gRPC health to be SERVING"
-        )
-        print("gRPC health: SERVING")
-
-        _step("5/5 Requests")
+        wait_until(serving, timeout=60, interval=0.5, message="gRPC health through the Gateway")
+        generate = [
+            str(BIN / "autoglm"),
+            "--target",
+            target,
+            "generate",
+            "Hello, GPU world",
+            "--max-new-tokens",
+            "16",
+            "--stream",
+        ]
         print(
             f'$ autoglm --target {target} generate "Hello, GPU world" --max-new-tokens 16 --stream'
         )
         out = subprocess.run(
-            [
-                str(BIN / "autoglm"),
-                "--target",
-                target,
-                "generate",
-                "Hello, GPU world",
-                "--max-new-tokens",
-                "16",
-                "--stream",
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-            check=True,
+            generate, capture_output=True, text=True, env=env, timeout=60, check=True
         )
         print(out.stdout.rstrip())
         body = json.dumps(
@@ -196,22 +323,47 @@ def run_demo(cluster: LocalCluster, keep: bool = False) -> int:
                 "max_tokens": 16,
             }
         ).encode()
-        print(f"$ curl -s http://127.0.0.1:{http_port}/v1/chat/completions -d '{body.decode()}'")
+        print(f"$ curl -s {ends.gateway}/v1/chat/completions -d '{body.decode()}'")
         req = urllib.request.Request(
-            f"http://127.0.0.1:{http_port}/v1/chat/completions",
+            f"{ends.gateway}/v1/chat/completions",
             data=body,
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=60) as resp:
             print(json.dumps(json.loads(resp.read()), indent=2))
-        print("\n(the model is tiny and random, so the text is noise: the plumbing is the point)")
+        print("(the model is tiny and random, so the text is noise: the plumbing is the point)")
+
+        _step("6/6 Autoscaling: the HPA reads the server's metric through the adapter")
+
+        def hpa_reads() -> bool:
+            hpa = json.loads(
+                cluster.kubectl("get", "hpa", NAME, "-n", NAMESPACE, "-o", "json").stdout
+            )
+            return bool(hpa.get("status", {}).get("currentMetrics"))
+
+        wait_until(hpa_reads, timeout=120, interval=1, message=f"hpa/{NAME} to read its metric")
+        _show(cluster, "get", "hpa", "-n", NAMESPACE)
+        raw = f"/apis/custom.metrics.k8s.io/v1beta1/namespaces/{NAMESPACE}/pods/*/{HPA_METRIC}"
+        print(f"$ kubectl get --raw '{raw}'")
+        metrics = json.loads(cluster.kubectl("get", "--raw", raw).stdout)
+        for item in metrics["items"]:
+            print(
+                f"  pod {item['describedObject']['name']}: {item['metricName']} = {item['value']}"
+            )
+        # The adapter's rule (charts/autoglm/templates/adapter-rules.yaml):
+        # max(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)
+        pods = "|".join(i["describedObject"]["name"] for i in metrics["items"])
+        query = f'max({HPA_METRIC}{{namespace="{NAMESPACE}",pod=~"{pods}"}}) by (pod)'
+        print(f"$ curl -s '{ends.prometheus}/api/v1/query' --data-urlencode 'query={query}'")
+        for sample in _prometheus_query(ends.prometheus, query):
+            print(f"  {json.dumps(sample['metric'])}: {sample['value'][1]}")
         return 0
     finally:
-        _stop(server)
         _stop(operator)
         if keep:
             print(
-                f"\ncluster left running: export KUBECONFIG={cluster.kubeconfig}; stop it with `autoglm-dev cluster down`"
+                f"\ncluster left running: export KUBECONFIG={cluster.kubeconfig}; "
+                "stop it with `autoglm-dev cluster down`"
             )
         else:
             cluster.stop()
