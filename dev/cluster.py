@@ -293,7 +293,8 @@ class LocalCluster:
             for name in ("kube-controller-manager", "kube-scheduler"):
                 url = f"https://127.0.0.1:{ports[name]}/healthz"
                 self._wait(name, functools.partial(self._http_ok, url, insecure=True), deadline)
-            self.apply_nodes(self.nodes)
+            if self.nodes:  # a cluster of live nodes only has no kwok node
+                self.apply_nodes(self.nodes)
             self._wait("kwok", self._nodes_ready, deadline)
             self._wait("kube-controller-manager", self._default_sa_ready, deadline)
             if self.addons:
