@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +43,20 @@ def make_runner(model_dir: Path, num_slots: int = 8, max_len: int = 128) -> Mode
     )
 
 
-_BLOCKS: dict[int, tuple[BlockManager, dict[int, list[int]]]] = {}
+# Per runner (weakly held: an id() could be reused by the next test's runner).
+_BLOCKS: weakref.WeakKeyDictionary[ModelRunner, tuple[BlockManager, dict[int, list[int]]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def execute(runner: ModelRunner, step: SchedulerOutput) -> RunnerOutput:
     """runner.execute with KV blocks assigned the way the scheduler would (no prefix cache)."""
-    manager, tables = _BLOCKS.setdefault(
-        id(runner), (BlockManager(runner.num_blocks, runner.block_size, prefix_caching=False), {})
-    )
+    if runner not in _BLOCKS:
+        _BLOCKS[runner] = (
+            BlockManager(runner.num_blocks, runner.block_size, prefix_caching=False),
+            {},
+        )
+    manager, tables = _BLOCKS[runner]
     for seq in step.seqs:
         table = tables.setdefault(seq.slot, [])
         if seq.is_new:
