@@ -30,6 +30,7 @@ from autoglm_dev.addons import (
     endpoints,
 )
 from autoglm_dev.cluster import LocalCluster
+from autoglm_server.client import build_generate_request
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2 as pb
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2_grpc as pb_grpc
 
@@ -240,6 +241,10 @@ def test_httproute_and_grpcroute_reach_the_pod_servers(
         assert model_info.name == backend
         tokens = stub.Tokenize(pb.TokenizeRequest(text="Hello world"), timeout=30)
         assert len(tokens.token_ids) > 0
+        request = build_generate_request("Hello", max_new_tokens=3, ignore_eos=True)
+        generated = stub.Generate(request, timeout=60)
+        assert generated.model == backend
+        assert len(generated.token_ids) == 3
 
 
 def test_weighted_backend_refs_split_requests(
