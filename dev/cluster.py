@@ -296,6 +296,8 @@ class LocalCluster:
             if self.nodes:  # a cluster of live nodes only has no kwok node
                 self.apply_nodes(self.nodes)
             self._wait("kwok", self._nodes_ready, deadline)
+            if self.live_nodes:
+                self._wait("agent", self._agent_up, deadline)
             self._wait("kube-controller-manager", self._default_sa_ready, deadline)
             if self.addons:
                 from .addons import start_addons
@@ -320,7 +322,13 @@ class LocalCluster:
             return
         self.live_nodes = live_nodes
         self._spawn("agent", Path(sys.executable), self._agent_args(), state)
-        self._wait("agent", self._nodes_ready, time.monotonic() + timeout_s)
+        self._wait("agent", self._agent_up, time.monotonic() + timeout_s)
+
+    def _agent_up(self) -> bool:
+        """The agent registered its nodes (its log says so: a node from an
+        earlier agent may still look Ready) and they are Ready."""
+        up = "node agent up" in _tail(self.workdir / "logs" / "agent.log", 200)
+        return up and self._nodes_ready()
 
     def start_addons(self) -> None:
         """Start the add-ons (autoglm_dev.addons) on a running cluster, unless

@@ -174,9 +174,11 @@ class NodeAgent:
             )
             return
         rc, err = await _ip("addr", "add", alias, "dev", "lo")
-        if rc == 0:
+        if rc == 0 or "File exists" in err or "already assigned" in err:
+            # Present already: an earlier agent of this network (its lock is ours
+            # now) was killed before it could remove it. Ours to remove at stop.
             self._aliases.append(alias)
-        elif "File exists" not in err:
+        else:
             raise AgentError(
                 f"can't add {alias} to the loopback interface ({err.strip()}); the agent needs "
                 "CAP_NET_ADMIN, or --pod-network inside 127.0.0.0/8 (then no Service lists the pods)"
@@ -643,6 +645,18 @@ class ContainerWorker:
         self.ready = False
         self.started = False
         self.has_run = bool(prior.get("state", {}).get("running")) or self.restart_count > 0
+        if prior.get("state", {}).get("running"):
+            # Its process died with an earlier agent (PR_SET_PDEATHSIG): a restart.
+            self.restart_count += 1
+            self.last_state = {
+                "terminated": {
+                    "exitCode": 137,
+                    "reason": "Error",
+                    "message": "killed with the node agent that ran it",
+                    "startedAt": prior["state"]["running"].get("startedAt", ""),
+                    "finishedAt": rfc3339(),
+                }
+            }
         self.proc: asyncio.subprocess.Process | None = None
         self.exit_code: int | None = None
         self.failures = 0
