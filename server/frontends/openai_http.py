@@ -197,19 +197,27 @@ class _SSEResponse(StreamingResponse):
             await self._on_close()
 
 
-async def _guard_events(events: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _guard_events(
+    events: AsyncIterator[str], opened: _OpenStreams | None = None
+) -> AsyncIterator[str]:
     """Once the headers are out, an error can only be reported in-band: as a
-    final ``data: {"error": ...}`` event (what OpenAI does), never a stack trace."""
+    final ``data: {"error": ...}`` event (what OpenAI does), never a stack trace.
+    The error is handed to ``opened``, so the engine requests it ends are
+    counted under its status, not as cancelled."""
     try:
         async for event in events:
             yield event
     except AutoGLMError as exc:
+        if opened is not None:
+            opened.error = exc
         status = exc.http_status if exc.http_status in _ERROR_TYPES else 500
         message = str(exc) if status < 500 or status in (503, 504) else "internal error"
         if message == "internal error":
             logger.error("internal error while streaming", exc_info=exc)
         yield _sse(error_body(status, message))
     except Exception as exc:
+        if opened is not None:
+            opened.error = exc
         logger.error("internal error while streaming", exc_info=exc)
         yield _sse(error_body(500, "internal error"))
 
@@ -238,6 +246,7 @@ class _OpenStreams:
         self.stack = stack
         self.streams = streams
         self._primed = primed or {}  # first deltas already read (see _open)
+        self.error: Exception | None = None  # what ended the stream, if it failed
 
     async def _deltas(self, index: int) -> AsyncIterator[GenerationDelta]:
         first = self._primed.pop(index, None)
@@ -279,7 +288,12 @@ class _OpenStreams:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        await self.stack.aclose()
+        """Abort what is unfinished, counted under ``error``'s status (CANCELLED if none)."""
+        error = self.error
+        if error is None:
+            await self.stack.aclose()
+        else:
+            await self.stack.__aexit__(type(error), error, error.__traceback__)
 
 
 def _shares_prefixes(engine: AsyncEngine) -> bool:
@@ -684,7 +698,7 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
                     yield _sse({**chunk(0, "", {}, None), "choices": [], "usage": usage})
                 yield "data: [DONE]\n\n"
 
-            return _SSEResponse(_guard_events(events()), opened.close)
+            return _SSEResponse(_guard_events(events(), opened), opened.close)
 
         choices = await _run_to_end(state, request, gens)
         out = chunk(0, "", {}, None)
@@ -809,7 +823,7 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
                     yield _sse({**chunk(0, {}, {}, None), "choices": [], "usage": usage})
                 yield "data: [DONE]\n\n"
 
-            return _SSEResponse(_guard_events(events()), opened.close)
+            return _SSEResponse(_guard_events(events(), opened), opened.close)
 
         choices = await _run_to_end(state, request, gens)
         out_choices = []

@@ -243,3 +243,16 @@ async def test_n_choices_share_the_prompt_when_the_engine_caches_prefixes(
         assert events.index(("delta", first)) < events.index(("generate", second))
     else:
         assert events[:3] == started
+
+
+async def test_an_error_mid_stream_is_counted_as_internal_not_cancelled(h: Harness) -> None:
+    h.engine.fail_mid_stream = RuntimeError("secret")
+    resp = await h.client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": True},
+    )
+    assert resp.status_code == 200
+    assert '"internal error"' in resp.text
+    (req,) = h.engine.requests
+    assert h.engine.abort_codes[req.request_id] == "INTERNAL"
+    assert h.counted == []  # the engine counts it (under INTERNAL), not the front end too
