@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -400,19 +401,61 @@ def _finish_fields(reason: FinishReason | None, override: str | None = None) -> 
 # --------------------------------------------------------------------------- logprobs
 
 
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of byte-level BPE's bytes -> printable characters table (GPT-2's)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    chars = list(keep)
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
+_BYTE_DECODER = _byte_decoder()
+_HEX_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
 class _TokenText:
-    """Token id -> its text and UTF-8 bytes, cached per tokenizer."""
+    """Token id -> its text and its UTF-8 bytes, cached per tokenizer.
+
+    The text is the token decoded alone (a token holding part of a character
+    decodes to U+FFFD); the bytes are the token's own bytes, so a client can
+    join the bytes of consecutive tokens into the exact output, as OpenAI's
+    ``bytes`` field promises.
+    """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._tokenizer = engine.tokenizer
-        self._cache: dict[int, str] = {}
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def _entry(self, token_id: int) -> tuple[str, list[int]]:
+        entry = self._cache.get(token_id)
+        if entry is None:
+            text = str(self._tokenizer.decode([token_id]))
+            entry = (text, self._raw_bytes(token_id, text))
+            self._cache[token_id] = entry
+        return entry
+
+    def _raw_bytes(self, token_id: int, text: str) -> list[int]:
+        convert = getattr(self._tokenizer, "convert_ids_to_tokens", None)
+        piece = convert(token_id) if convert is not None and "\ufffd" in text else None
+        if isinstance(piece, str):
+            hex_byte = _HEX_BYTE.match(piece)
+            if hex_byte:  # sentencepiece byte fallback
+                return [int(hex_byte.group(1), 16)]
+            if all(c in _BYTE_DECODER for c in piece):  # byte-level BPE
+                return [_BYTE_DECODER[c] for c in piece]
+        return list(text.encode("utf-8"))
 
     def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            text = str(self._tokenizer.decode([token_id]))
-            self._cache[token_id] = text
-        return text
+        return self._entry(token_id)[0]
+
+    def bytes(self, token_id: int) -> list[int]:
+        return self._entry(token_id)[1]
 
 
 def _lp(value: float) -> float:
@@ -422,18 +465,13 @@ def _lp(value: float) -> float:
 def _chat_logprobs(entries: Sequence[TokenLogprob], text_of: _TokenText) -> list[dict[str, Any]]:
     out = []
     for e in entries:
-        token = text_of(e.token_id)
         out.append(
             {
-                "token": token,
+                "token": text_of(e.token_id),
                 "logprob": _lp(e.logprob),
-                "bytes": list(token.encode("utf-8")),
+                "bytes": text_of.bytes(e.token_id),
                 "top_logprobs": [
-                    {
-                        "token": text_of(t),
-                        "logprob": _lp(lp),
-                        "bytes": list(text_of(t).encode("utf-8")),
-                    }
+                    {"token": text_of(t), "logprob": _lp(lp), "bytes": text_of.bytes(t)}
                     for t, lp in e.top
                 ],
             }

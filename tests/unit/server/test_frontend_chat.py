@@ -177,3 +177,15 @@ def test_llama3_parser() -> None:
 def test_parser_picked_from_the_template() -> None:
     assert isinstance(parser_for_template(LLAMA3), Llama3JsonToolParser)
     assert isinstance(parser_for_template(GLM4), Glm4ToolParser)
+
+
+def test_logprob_bytes_join_into_the_exact_output(tokenizer: Any) -> None:
+    from types import SimpleNamespace
+
+    from autoglm_server.frontends.openai_http import _TokenText
+
+    text = "Grüße, 你好\uff0c世界\u3002🚀✨ ok"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    token_text = _TokenText(SimpleNamespace(tokenizer=tokenizer))  # type: ignore[arg-type]
+    assert any("\ufffd" in token_text(i) for i in ids)  # some tokens hold part of a character
+    assert bytes(b for i in ids for b in token_text.bytes(i)) == text.encode("utf-8")
