@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--compile-cache-dir", default=None)
+    parser.add_argument(
+        "--compile-scope", default="decoder", choices=("decoder", "layers"),
+        help="compile the whole decoder (default) or one decoder layer shared by all",
+    )  # fmt: skip
     parser.add_argument("--compare-eager", action="store_true")
     parser.add_argument("--out", default=str(bench_serving.ROOT / "bench" / "results"))
     args = parser.parse_args(argv)
@@ -150,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         attention_backend=args.attention_backend,
         compile=not args.no_compile,
         compile_cache_dir=args.compile_cache_dir,
+        compile_scope=args.compile_scope,
     )
     init_s = time.perf_counter() - t0
     runner.warmup()
