@@ -535,6 +535,11 @@ def _gens(
     return out
 
 
+def _check_stream_options(body: proto.CompletionRequest | proto.ChatCompletionRequest) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequestError("stream_options", "is only allowed with stream: true")
+
+
 def _check_priority(priority: int) -> None:
     if priority < 0:
         raise InvalidRequestError("priority", "must be >= 0")
@@ -663,6 +668,7 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> Response:
         body = _parse(proto.CompletionRequest, await read_body(request))
+        _check_stream_options(body)
         engine = served(body.model)
         info = engine.model_info
         if isinstance(body.prompt, list):
@@ -757,6 +763,7 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
         body = _parse(proto.ChatCompletionRequest, await read_body(request))
+        _check_stream_options(body)
         engine = served(body.model)
         info = engine.model_info
         max_chars = max_prompt_chars(info.max_model_len)
