@@ -35,7 +35,7 @@ from .addons import (
     endpoints,
 )
 from .cluster import CRD_NAME, LocalCluster, install_crd
-from .waiting import wait_until
+from .waiting import WaitTimeout, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -335,13 +335,23 @@ def run_demo(cluster: LocalCluster, keep: bool = False) -> int:
 
         _step("6/6 Autoscaling: the HPA reads the server's metric through the adapter")
 
-        def hpa_reads() -> bool:
+        def hpa_value() -> str | None:
             hpa = json.loads(
                 cluster.kubectl("get", "hpa", NAME, "-n", NAMESPACE, "-o", "json").stdout
             )
-            return bool(hpa.get("status", {}).get("currentMetrics"))
+            current = hpa.get("status", {}).get("currentMetrics") or []
+            if not current:
+                return None
+            value: str = current[0]["pods"]["current"]["averageValue"]
+            return value
 
-        wait_until(hpa_reads, timeout=120, interval=1, message=f"hpa/{NAME} to read its metric")
+        wait_until(hpa_value, timeout=120, interval=1, message=f"hpa/{NAME} to read its metric")
+        try:
+            # The two requests above reach the HPA after a scrape (2 s), the
+            # adapter's relist (3 s) and an HPA sync (5 s).
+            wait_until(lambda: hpa_value() not in (None, "0"), timeout=45, interval=1)
+        except WaitTimeout:
+            print("(the HPA has not seen the requests above yet)")
         _show(cluster, "get", "hpa", "-n", NAMESPACE)
         raw = f"/apis/custom.metrics.k8s.io/v1beta1/namespaces/{NAMESPACE}/pods/*/{HPA_METRIC}"
         print(f"$ kubectl get --raw '{raw}'")
