@@ -254,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix-workload", action="store_true", help="also run prefix-256")
     parser.add_argument("--long-context", action="store_true", help="also the 128K-context check")
     parser.add_argument("--engine-requests", type=int, default=64)
+    parser.add_argument(
+        "--no-engine", action="store_true", help="skip the in-process engine phase (and prefix-256)"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -267,19 +270,21 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     top = max(levels)
     cache = args.compile_cache_dir or tempfile.mkdtemp(prefix="autoglm-compile-")
-    engine = asyncio.run(
-        engine_throughput(
-            model,
-            args.device,
-            args.engine_requests,
-            args.prompt_len,
-            args.max_new_tokens,
-            slots=max(top, 256 if args.prefix_workload else top),
-            cache=cache,
-            prefix_workload=args.prefix_workload,
+    engine: dict[str, Any] = {}
+    if not args.no_engine:
+        engine = asyncio.run(
+            engine_throughput(
+                model,
+                args.device,
+                args.engine_requests,
+                args.prompt_len,
+                args.max_new_tokens,
+                slots=max(top, 256 if args.prefix_workload else top),
+                cache=cache,
+                prefix_workload=args.prefix_workload,
+            )
         )
-    )
-    print(f"engine: {json.dumps(engine)}", flush=True)
+        print(f"engine: {json.dumps(engine)}", flush=True)
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -293,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with bench_serving.serving(model, server_args, out.resolve(), f"server-{args.shape}") as target:
         server_start_s = time.perf_counter() - t0
-        print(f"server ready in {server_start_s:.1f}s (warm compile cache)", flush=True)
+        print(f"server ready in {server_start_s:.1f}s", flush=True)
         for c in levels:
             spec = bench_serving.LoadSpec(
                 concurrency=c,
@@ -328,10 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": sweep,
         "server_over_engine": sweep[str(args.engine_requests)]["output_tok_per_s"]
         / engine["output_tok_per_s"]
-        if str(args.engine_requests) in sweep
+        if engine and str(args.engine_requests) in sweep
         else None,
         "warmup": {
-            "engine_start_cold_s": engine["start_s"],
+            "engine_start_cold_s": engine.get("start_s"),
             "server_start_warm_s": server_start_s,
         },
         "long_context": long,
