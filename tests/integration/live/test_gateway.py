@@ -265,6 +265,7 @@ def test_weighted_backend_refs_split_requests(
     expected = {
         name: WEIGHTED_REQUESTS * w / sum(WEIGHTS) for name, w in zip(names, WEIGHTS, strict=True)
     }
+    print(f"weighted split over {WEIGHTED_REQUESTS} requests, weights {WEIGHTS}: {dict(counts)}")
     assert set(counts) == set(names), counts
     for name in names:
         # Traefik's weighted round robin is smooth: the split is exact up to
