@@ -244,7 +244,7 @@ def build_binaries(names: tuple[str, ...] = ALL_BINARIES) -> dict[str, float]:
     """
     if shutil.which("go") is None:
         raise BinaryError(
-            "the Go toolchain is needed to build the control plane: install Go >= 1.26"
+            "the Go toolchain is needed to build the control plane: install Go >= 1.26.7"
         )
     timings: dict[str, float] = {}
     with _build_lock():

@@ -4,7 +4,7 @@
 #   - the pinned control-plane binaries (kube-apiserver, kube-controller-manager, kube-scheduler,
 #     etcd, kubectl, kwok, helm) and the live cluster's add-ons (Prometheus, prometheus-adapter,
 #     Traefik), built from Go modules into a cache outside the clone.
-# Needs: Python >= 3.11 and Go >= 1.26 on PATH, and access to PyPI and the Go module proxy.
+# Needs: Python >= 3.11 and Go >= 1.26.7 (Prometheus v0.316.0 asks for it) on PATH, and access to PyPI and the Go module proxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +16,7 @@ import sys
 sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
 if ! command -v go >/dev/null 2>&1; then
-  echo "error: Go >= 1.26 is needed to build the local control plane (https://go.dev/dl)" >&2
+  echo "error: Go >= 1.26.7 is needed to build the local control plane and its add-ons (https://go.dev/dl)" >&2
   exit 1
 fi
 
