@@ -113,6 +113,11 @@ def histogram_quantile(before: dict[float, float], after: dict[float, float], q:
     return bounds[-1]
 
 
+def finite(x: float) -> float | None:
+    """JSON has no Infinity: the +Inf bucket becomes None."""
+    return x if x != float("inf") else None
+
+
 # ---- the audit log -------------------------------------------------------------------
 
 
@@ -456,8 +461,13 @@ def main(argv: list[str] | None = None) -> int:
         post = {
             "changed_objects": wave,
             "reconciles": int(after.get("count", 0) - before.get("count", 0)),
-            "reconcile_p50_le_s": histogram_quantile(before["buckets"], after["buckets"], 0.5),
-            "reconcile_p99_le_s": histogram_quantile(before["buckets"], after["buckets"], 0.99),
+            # None: beyond the largest finite bucket (10 s).
+            "reconcile_p50_le_s": finite(
+                histogram_quantile(before["buckets"], after["buckets"], 0.5)
+            ),
+            "reconcile_p99_le_s": finite(
+                histogram_quantile(before["buckets"], after["buckets"], 0.99)
+            ),
             "operator_requests": dict(operator_requests(wave_entries).most_common()),
         }
         print(json.dumps({"after_burst": post}))
