@@ -169,7 +169,13 @@ def compute_pod_problem(pods: list[dict[str, Any]]) -> Problem | None:
                 reason = str(waiting["reason"])
                 detail = str(waiting.get("message") or "")
             elif terminated and int(terminated.get("exitCode", 0)) != 0:
-                reason = str(terminated.get("reason") or "Error")
+                # Between two restarts of a crash loop the container shows as
+                # terminated: keep calling it a crash loop, so the reason (and its
+                # Warning) does not flap with every restart.
+                restarted = int(cs.get("restartCount", 0)) > 0
+                reason = (
+                    "CrashLoopBackOff" if restarted else str(terminated.get("reason") or "Error")
+                )
                 detail = ""
             else:
                 continue

@@ -424,6 +424,23 @@ def test_row_crash_loop_names_the_cause_from_the_pod_state() -> None:
     assert (event.type, event.reason) == ("Warning", "CrashLoopBackOff")
 
 
+def test_crash_loop_reason_does_not_flap_between_restarts() -> None:
+    pod = crash_looping_pod()
+    cs = pod["status"]["containerStatuses"][0]
+    cs["state"] = {"terminated": {"exitCode": 1, "reason": "Error", "message": "does not match"}}
+    dep = deployment(desired=1, ready=0, updated=1)
+    status = compute_status(
+        SPEC1, OWNER, Observed(generation=1, deployment=dep, pods=[pod], nodes=NODES), T0
+    )
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "CrashLoopBackOff" and "does not match" in ready["message"]
+    cs["restartCount"] = 0  # the very first exit: no loop yet
+    status = compute_status(
+        SPEC1, OWNER, Observed(generation=1, deployment=dep, pods=[pod], nodes=NODES), T0
+    )
+    assert conditions(status)["Ready"] == ("False", "Error")
+
+
 def test_row_crash_loop_after_ready_is_degraded_and_not_progressing() -> None:
     ready = settle(SPEC1, deployment(desired=1, ready=1, updated=1))
     status = compute_status(
