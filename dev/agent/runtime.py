@@ -340,6 +340,9 @@ class NodeAgent:
                 "metadata"
             ].get("deletionTimestamp"):
                 return  # finished before we saw it (e.g. an agent restart): nothing to run
+            existing = pod.get("status", {}).get("podIP")
+            if existing:  # (an agent restart) reserved before any new pod is given one
+                self._ips[index].setdefault(existing, uid)
             worker = PodWorker(self, pod, index)
             self.workers[uid] = worker
             worker.task = asyncio.create_task(worker.run(), name=f"pod-{uid}")
@@ -356,15 +359,8 @@ class NodeAgent:
     def allocate_ip(self, index: int, uid: str, existing: str | None) -> str:
         ips = self._ips[index]
         cidr = plan.compute_pod_cidr(index, self.network)
-        if (
-            existing
-            and existing in [str(h) for h in cidr.hosts()]
-            and ips.get(existing)
-            in (
-                None,
-                uid,
-            )
-        ):
+        owner = ips.get(existing) if existing else None
+        if existing and owner in (None, uid) and ipaddress.IPv4Address(existing) in cidr:
             ips[existing] = uid
             return existing
         ip = plan.allocate_pod_ip(cidr, ips.keys(), self._last_ip[index])
