@@ -74,61 +74,84 @@ def _pids_under(root: Path) -> list[int]:
     return out
 
 
-@pytest.fixture
-def capped_agent(
-    live_cluster: LocalCluster, tiny_model: Path, tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    workdir = tmp_path / "agent"
-    (workdir / "logs").mkdir(parents=True)
-    log = (workdir / "logs" / "agent.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "autoglm_dev.agent",
-            f"--workdir={workdir}",
-            f"--kubeconfig={live_cluster.kubeconfig}",
-            "--nodes=1",
-            f"--first-node={NODE_INDEX}",
-            "--max-processes=1",
-            f"--models={live_cluster.workdir / 'models'}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=workdir,
-    )
-    log.close()
-    node = live_node_name(NODE_INDEX)
+class SecondAgent:
+    """``python -m autoglm_dev.agent`` on node ``gpu-live-5``, capped at one process."""
 
-    def node_ready() -> bool:
-        out = live_cluster.kubectl("get", "node", node, "-o", "json", check=False)
-        return out.returncode == 0 and '"type": "Ready"' in out.stdout and proc.poll() is None
+    def __init__(self, cluster: LocalCluster, workdir: Path) -> None:
+        self.cluster = cluster
+        self.workdir = workdir
+        self.starts = 0
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    try:
-        wait_for(node_ready, timeout=60, message=f"node {node} to be registered")
-        yield proc, workdir
-    finally:
-        if proc.poll() is None:
+    def start(self) -> subprocess.Popen[bytes]:
+        self.starts += 1
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        log_path = self.workdir / "logs" / f"agent-{self.starts}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "autoglm_dev.agent",
+                    f"--workdir={self.workdir}",
+                    f"--kubeconfig={self.cluster.kubeconfig}",
+                    "--nodes=1",
+                    f"--first-node={NODE_INDEX}",
+                    "--max-processes=1",
+                    f"--models={self.cluster.workdir / 'models'}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+            )
+        self.proc = proc
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"the agent exited:\n{log_path.read_text()[-2000:]}")
+            return "node agent up" in log_path.read_text()
+
+        wait_for(up, timeout=60, message=f"the agent on {live_node_name(NODE_INDEX)}")
+        return proc
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        live_cluster.kubectl("delete", "node", node, "--wait=false", check=False)
+
+
+@pytest.fixture
+def second_agent(
+    live_cluster: LocalCluster, tiny_model: Path, tmp_path: Path
+) -> Iterator[SecondAgent]:
+    agent = SecondAgent(live_cluster, tmp_path / "agent")
+    agent.start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        live_cluster.kubectl(
+            "delete", "node", live_node_name(NODE_INDEX), "--wait=false", check=False
+        )
+
+
+def _ready(kube: Kube, name: str) -> dict[str, Any] | None:
+    pod = kube.get("pod", name)
+    return pod if pod and container_status(pod).get("ready") else None
 
 
 def test_the_process_cap_holds_a_pod_back_with_an_event_and_stop_leaves_nothing(
-    kube: Kube, capped_agent: tuple[subprocess.Popen[bytes], Path]
+    kube: Kube, second_agent: SecondAgent
 ) -> None:
-    agent, workdir = capped_agent
+    agent, workdir = second_agent.proc, second_agent.workdir
+    assert agent is not None
     kube.apply(_bare_pod("first"))
-
-    def ready(name: str) -> dict[str, Any] | None:
-        pod = kube.get("pod", name)
-        return pod if pod and container_status(pod).get("ready") else None
-
-    first = wait_for(lambda: ready("first"), timeout=120, message="pod first to be Ready")
+    first = wait_for(lambda: _ready(kube, "first"), timeout=120, message="pod first to be Ready")
     # Its own pod network: another /20 than the session's agent.
     pod_cidr, _ = node_network(kube.cluster, live_node_name(NODE_INDEX))
     session_cidr, _ = node_network(kube.cluster, live_node_name(0))
@@ -150,7 +173,7 @@ def test_the_process_cap_holds_a_pod_back_with_an_event_and_stop_leaves_nothing(
 
     # The first pod goes (SIGTERM, drain, exit): the second one starts in its slot.
     kube.run("delete", "pod", "first", "--wait=false")
-    second = wait_for(lambda: ready("second"), timeout=120, message="pod second to be Ready")
+    second = wait_for(lambda: _ready(kube, "second"), timeout=120, message="pod second to be Ready")
     assert second["status"]["podIP"] != first["status"]["podIP"]
     assert kube.get("pod", "first") is None
 
@@ -160,3 +183,42 @@ def test_the_process_cap_holds_a_pod_back_with_an_event_and_stop_leaves_nothing(
     agent.send_signal(signal.SIGTERM)
     assert agent.wait(30) == 0
     assert _pids_under(pods_root) == []
+
+
+def test_a_killed_agent_takes_its_processes_along_and_a_new_one_restarts_them(
+    kube: Kube, second_agent: SecondAgent
+) -> None:
+    kube.apply(_bare_pod("kept"))
+    before = wait_for(lambda: _ready(kube, "kept"), timeout=120, message="pod kept to be Ready")
+    pods_root = second_agent.workdir / "pods"
+    assert _pids_under(pods_root)
+    agent = second_agent.proc
+    assert agent is not None
+    agent.kill()  # SIGKILL: no clean-up code runs
+    agent.wait(10)
+    # PR_SET_PDEATHSIG: the server died with it (reaped or a zombie awaiting its reaper).
+    wait_for(
+        lambda: all(_zombie_or_gone(pid) for pid in _pids_under(pods_root)),
+        timeout=10,
+        message="the server to die with its agent",
+    )
+
+    second_agent.start()
+
+    def restarted() -> dict[str, Any] | None:
+        pod = _ready(kube, "kept")
+        return pod if pod and container_status(pod).get("restartCount") == 1 else None
+
+    after = wait_for(restarted, timeout=120, message="pod kept to be Ready again")
+    # The same pod IP (it can't change), the restart counted with its cause.
+    assert after["status"]["podIP"] == before["status"]["podIP"]
+    last = container_status(after)["lastState"]["terminated"]
+    assert last["message"] == "killed with the node agent that ran it"
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
