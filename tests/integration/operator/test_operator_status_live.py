@@ -194,3 +194,26 @@ def test_idle_operator_sends_no_request_across_timer_ticks(
     # Timestamps in the log are micro times; the second boundary is conservative.
     sent = operator_requests(audit_log, since + ".999999Z")
     assert sent == Counter(), f"the idle operator sent {dict(sent)}"
+
+
+def test_scaled_to_zero_on_purpose_is_not_degraded(op: OperatorProcess, kube: Kube) -> None:
+    name = "parked"
+    spec = {"model": {"source": "/opt/models/tiny"}, "replicas": 0}
+    assert kube.apply(agd(name, spec)).returncode == 0
+    want = {
+        "Ready": ("False", "ScaledToZero"),
+        "Progressing": ("False", "RolloutComplete"),
+        "Degraded": ("False", "AsExpected"),
+    }
+    wait_for(
+        lambda: conditions(kube, name) == want,
+        timeout=60,
+        message=lambda: f"{want}; conditions now {conditions(kube, name)}",
+    )
+    events = wait_for(
+        lambda: [e for e in events_for(kube, name) if e["reason"] == "ScaledToZero"],
+        timeout=30,
+        message="a ScaledToZero event",
+    )
+    assert events[0]["type"] == "Normal"
+    assert not [e for e in events_for(kube, name) if e["type"] == "Warning"]
