@@ -12,7 +12,9 @@ Gateway API with Traefik as its data plane. All run as local processes on
 - **prometheus-adapter** serves ``custom.metrics.k8s.io/v1beta1`` through the
   apiserver's aggregation layer, with the rules the Helm chart ships (rendered
   from ``charts/autoglm`` by helm, the one source). kube-controller-manager's
-  HPA controller reads Pods metrics through it as in any cluster. Its Service is
+  HPA controller reads Pods metrics through it as in any cluster. It runs as
+  ServiceAccount ``prometheus-adapter`` (read namespaces/pods/services/nodes,
+  ``system:auth-delegator``, the authentication ConfigMap). Its Service is
   an ExternalName one pointing at 127.0.0.1: EndpointSlices can't hold loopback
   addresses (see ``autoglm_dev.pki.aggregation_layer_args``).
 - **Gateway API** CRDs (standard channel) from the ``sigs.k8s.io/gateway-api``
@@ -169,6 +171,10 @@ def build_rbac(namespace: str = ADDONS_NAMESPACE) -> list[dict[str, Any]]:
     gw = "gateway.networking.k8s.io"
     roles = {
         "prometheus": [rule([""], ["pods"], ["list", "watch"])],
+        # What the adapter's own deployment grants: read the objects its rules
+        # map series to. It also delegates authentication and authorization
+        # (bindings below).
+        "prometheus-adapter": [rule([""], ["namespaces", "pods", "services", "nodes"], read)],
         "traefik": [
             rule([""], ["namespaces", "services", "secrets", "configmaps"], read),
             rule(["discovery.k8s.io"], ["endpointslices"], read),
@@ -228,7 +234,46 @@ def build_rbac(namespace: str = ADDONS_NAMESPACE) -> list[dict[str, Any]]:
                 "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
             },
         ]
+    binding = {"apiGroup": "rbac.authorization.k8s.io"}
+    adapter = [{"kind": "ServiceAccount", "name": "prometheus-adapter", "namespace": namespace}]
+    items += [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "autoglm-addons-prometheus-adapter:auth-delegator"},
+            "roleRef": {**binding, "kind": "ClusterRole", "name": "system:auth-delegator"},
+            "subjects": adapter,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {
+                "name": "autoglm-addons-prometheus-adapter:auth-reader",
+                "namespace": "kube-system",
+            },
+            "roleRef": {
+                **binding,
+                "kind": "Role",
+                "name": "extension-apiserver-authentication-reader",
+            },
+            "subjects": adapter,
+        },
+    ]
     return items
+
+
+def build_token_kubeconfig(server: str, ca_file: Path, token_file: Path) -> dict[str, Any]:
+    """A kubeconfig that authenticates with a ServiceAccount token."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "local", "cluster": {"server": server, "certificate-authority": str(ca_file)}}
+        ],
+        "users": [{"name": "sa", "user": {"tokenFile": str(token_file)}}],
+        "contexts": [{"name": "local", "context": {"cluster": "local", "user": "sa"}}],
+        "current-context": "local",
+    }
 
 
 def build_adapter_registration(
@@ -503,6 +548,11 @@ def start_addons(
         state,
     )
 
+    adapter_token = _token(cluster, "prometheus-adapter", workdir / "prometheus-adapter.token")
+    adapter_kubeconfig = workdir / "prometheus-adapter.kubeconfig"
+    adapter_kubeconfig.write_text(
+        json.dumps(build_token_kubeconfig(state.server, pki.ca_cert, adapter_token))
+    )
     prometheus_url = f"http://127.0.0.1:{ports['prometheus']}"
     # The adapter lists series from Prometheus as it starts.
     cluster._wait("prometheus", lambda: _http_ok(f"{prometheus_url}/-/ready"), deadline)
@@ -519,7 +569,7 @@ def start_addons(
         "prometheus-adapter",
         bins["prometheus-adapter"],
         adapter_args(
-            ports["prometheus-adapter"], cluster.kubeconfig, prometheus_url, rules, cert, key
+            ports["prometheus-adapter"], adapter_kubeconfig, prometheus_url, rules, cert, key
         ),
         state,
     )

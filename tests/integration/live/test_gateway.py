@@ -76,7 +76,7 @@ def _wait_ready(kube: Kube, name: str, operator: OperatorProcess) -> None:
 
     wait_for(
         ready,
-        timeout=300,
+        timeout=480,
         message=lambda: (
             f"agd/{name} Ready: {kube.condition(name)}\n{describe_pods(kube, name)}\n"
             f"operator log:\n{operator.log_tail()}"

@@ -65,7 +65,7 @@ def served(
 
         pod: dict[str, Any] = wait_for(
             ready_pod,
-            timeout=300,
+            timeout=480,
             message=lambda: (
                 f"agd/{NAME} Ready: {kube.condition(NAME)}\n{describe_pods(kube, NAME)}\n"
                 f"operator log:\n{live_operator.log_tail()}"
