@@ -1,8 +1,8 @@
 """The node agent on its own: a second agent with a cap of one process.
 
 It takes node ``gpu-live-5`` (its own pod network) beside the session's
-agent, runs bare pods bound to that node, and is stopped at the end, which
-must leave no process of its pods behind.
+agent and runs bare pods bound to that node: the process cap, stopping the
+agent (no process of its pods left behind), and an agent killed and replaced.
 """
 
 from __future__ import annotations
