@@ -478,8 +478,9 @@ def _apply(cluster: LocalCluster, items: list[dict[str, Any]]) -> None:
 
 
 def _token(cluster: LocalCluster, name: str, path: Path) -> Path:
+    """A ServiceAccount token in a file (30 days: longer than a local cluster lives)."""
     token = cluster.kubectl(
-        "create", "token", name, "-n", ADDONS_NAMESPACE, "--duration=48h"
+        "create", "token", name, "-n", ADDONS_NAMESPACE, "--duration=720h"
     ).stdout.strip()
     path.write_text(token)
     path.chmod(0o600)
