@@ -28,23 +28,26 @@ registers ``gpu-live-<i>`` nodes and plays their kubelet for server pods:
   model there. A source with no local copy stays as it is, so the server fails
   to start as it would on a node without it; SHA-256 files, dtype and batching
   flags reach the server unchanged.
-- **Pod IPs, on the loopback interface.** Node ``i`` has podCIDR
-  ``198.18.<i+1>.0/24`` (its own address is ``.1``); each pod gets the next free
-  address, written to ``status.podIP(s)``, and its server binds there.
-  EndpointSlices, Prometheus and the Gateway therefore point at addresses that
-  answer. Why not 127.0.0.0/8: EndpointSlice validation (``ValidateEndpointIP``)
-  refuses loopback addresses, so the endpointslice controller could never list
-  such a pod. Instead the agent adds ``198.18.<i+1>.1/24`` to ``lo`` (``ip addr
-  add``; on a loopback device the whole prefix becomes local, exactly like
-  127/8) and removes it when it stops. 198.18.0.0/15 is reserved for
-  benchmarking (RFC 2544) and never routed; traffic to it never leaves the
-  machine. This needs CAP_NET_ADMIN; without it the agent stops with that
-  message (``--pod-network 127.1.0.0/16`` runs anyway, with pods that no
-  Service lists). Several clusters share one machine (tests, the demo, other
-  checkouts), so each agent claims its own /20 of 198.18.0.0/15 (the first one
-  whose lock file under ``$TMPDIR/autoglm-pod-networks`` no running agent
-  holds; a restarted agent takes the block its nodes already have): the
-  ``198.18.<i+1>`` above is the first block's; read a node's ``spec.podCIDR``.
+- **Pod IPs, in a network namespace of the cluster's own.** Node ``i`` has
+  podCIDR ``198.18.<i+1>.0/24`` (its own address is ``.1``); each pod gets the
+  next free address, written to ``status.podIP(s)``, and its server binds
+  there. EndpointSlices, Prometheus and the Gateway therefore point at
+  addresses that answer. Why not 127.0.0.0/8: EndpointSlice validation
+  (``ValidateEndpointIP``) refuses loopback addresses, so the endpointslice
+  controller could never list such a pod. Instead the agent makes a network
+  namespace for its block and runs the servers in it (``ip netns exec``); a
+  ``local`` route per node /24 on the namespace's ``lo`` makes the pod
+  addresses bindable, and a veth pair with the gateway ``198.18.0.1`` on the
+  host end routes the block from the host. So every address connected to is a
+  test host inside a namespace the cluster made, and nothing leaves the
+  machine. This needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN); without it the agent
+  stops with that message (``--pod-network 127.1.0.0/16`` runs anyway, with
+  pods that no Service lists). Several clusters share one machine (tests, the
+  demo, other checkouts), so each agent claims its own /20 of 198.18.0.0/15
+  (the first one whose lock file under ``$TMPDIR/autoglm-pod-networks`` no
+  running agent holds; a restarted agent takes the block its nodes already
+  have): the ``198.18.<i+1>`` above is the first block's; read a node's
+  ``spec.podCIDR``.
 - **Probes** are the pod's own (gRPC health, HTTP GET, TCP; exec is not run and
   counts as success), with initialDelaySeconds, periodSeconds, timeoutSeconds
   and the thresholds honoured; liveness and readiness start once the startup

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pod-network",
         default="auto",
-        help="node i gets its (i+1)-th /24, added to the loopback interface; auto: the "
+        help="node i gets its (i+1)-th /24, local in the pod network namespace; auto: the "
         "first /20 of 198.18.0.0/15 that no other running agent holds",
     )
     p.add_argument("-v", "--verbose", action="store_true")

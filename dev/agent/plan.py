@@ -28,8 +28,8 @@ LIVE_GPU_PRODUCT = "AutoGLM-Local-CPU"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_RESOURCE = "nvidia.com/gpu"
 # Node i's pods get addresses from 198.18.<i+1>.0/24; .1 is the node itself. The
-# range (RFC 2544, benchmarking; never routed) is put on the loopback interface,
-# so it is as local as 127.0.0.0/8. 127.0.0.0/8 itself can't be used:
+# range (RFC 2544, benchmarking; never routed) lives in a network namespace the
+# agent makes (see runtime.NodeAgent._setup_pod_namespace). 127.0.0.0/8 can't be used:
 # EndpointSlice validation (ValidateEndpointIP) refuses loopback addresses, so no
 # Service would ever list such a pod.
 POD_NETWORK = ipaddress.IPv4Network("198.18.0.0/20")
@@ -88,13 +88,21 @@ def compute_node_ip(index: int, network: ipaddress.IPv4Network = POD_NETWORK) ->
     return str(compute_pod_cidr(index, network).network_address + 1)
 
 
-def compute_loopback_alias(index: int, network: ipaddress.IPv4Network = POD_NETWORK) -> str | None:
-    """The address to add to the loopback interface so that the node's pod
-    network is local (``ip addr add <it> dev lo``), or None inside 127.0.0.0/8."""
-    cidr = compute_pod_cidr(index, network)
-    if cidr.subnet_of(LOOPBACK_NETWORK):
-        return None
-    return f"{compute_node_ip(index, network)}/{cidr.prefixlen}"
+def compute_pod_gateway(network: ipaddress.IPv4Network = POD_NETWORK) -> str:
+    """The host end of the pod network's veth pair: the block's first address
+    (its first /24 is never a node's; node ``i`` has the ``(i+1)``-th)."""
+    return str(network.network_address + 1)
+
+
+def pod_namespace_name(network: ipaddress.IPv4Network = POD_NETWORK) -> str:
+    """The network namespace holding the pods of the agent that owns ``network``."""
+    return "autoglm-pods-" + str(network.network_address).replace(".", "-")
+
+
+def pod_veth_name(network: ipaddress.IPv4Network = POD_NETWORK) -> str:
+    """The host end of the namespace's veth pair (at most 15 characters)."""
+    a, b, c, _ = network.network_address.packed
+    return f"agp{a:02x}{b:02x}{c:02x}"
 
 
 def build_live_node(

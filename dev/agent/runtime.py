@@ -162,27 +162,64 @@ class NodeAgent:
         self._ips: dict[int, dict[str, str]] = {i: {} for i in config.indices}  # ip -> uid
         self._last_ip: dict[int, str | None] = {i: None for i in config.indices}
         self._tasks: list[asyncio.Task[None]] = []
-        self._aliases: list[str] = []  # loopback addresses this agent added
+        self._netns: tuple[str, str] | None = None  # (namespace, host veth) of the pod network
 
-    async def _add_loopback_alias(self, index: int) -> None:
-        """Make node ``index``'s pod network local: its /24 on the loopback interface."""
-        alias = plan.compute_loopback_alias(index, self.network)
-        if alias is None:
+    async def _setup_pod_namespace(self) -> None:
+        """Put this agent's pod network in a network namespace of its own.
+
+        The pods' servers run inside it (``ip netns exec``); the pod addresses
+        are local there (one ``local`` route per node /24 on the namespace's
+        ``lo``), and the host reaches them over a veth pair whose host end has
+        the block's gateway address. So every address a test, Prometheus or
+        the Gateway connects to belongs to a namespace the cluster made itself,
+        and nothing is added to the host's own interfaces but that veth.
+        """
+        if self.network.subnet_of(plan.LOOPBACK_NETWORK):
             log.warning(
                 "pod network %s is inside 127.0.0.0/8: EndpointSlices can't list its pods",
                 self.network,
             )
             return
-        rc, err = await _ip("addr", "add", alias, "dev", "lo")
-        if rc == 0 or "File exists" in err or "already assigned" in err:
-            # Present already: an earlier agent of this network (its lock is ours
-            # now) was killed before it could remove it. Ours to remove at stop.
-            self._aliases.append(alias)
-        else:
-            raise AgentError(
-                f"can't add {alias} to the loopback interface ({err.strip()}); the agent needs "
-                "CAP_NET_ADMIN, or --pod-network inside 127.0.0.0/8 (then no Service lists the pods)"
-            )
+        ns = plan.pod_namespace_name(self.network)
+        host_if = plan.pod_veth_name(self.network)
+        gateway = plan.compute_pod_gateway(self.network)
+        # Left over by an agent of this block that was killed: start clean.
+        await _ip("netns", "del", ns)
+        await _ip("link", "del", host_if)
+        steps: list[tuple[str, ...]] = [
+            ("netns", "add", ns),
+            ("link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", ns),
+            ("addr", "add", f"{gateway}/32", "dev", host_if),
+            ("link", "set", host_if, "up"),
+            ("-n", ns, "link", "set", "lo", "up"),
+            ("-n", ns, "link", "set", "eth0", "up"),
+            ("-n", ns, "route", "add", f"{gateway}/32", "dev", "eth0"),
+            ("route", "add", str(self.network), "dev", host_if, "src", gateway),
+        ]
+        for i in self.config.indices:
+            cidr = plan.compute_pod_cidr(i, self.network)
+            steps.append(("-n", ns, "route", "add", "local", str(cidr), "dev", "lo"))
+        for step in steps:
+            rc, err = await _ip(*step)
+            if rc != 0:
+                await self._teardown_pod_namespace(ns, host_if)
+                raise AgentError(
+                    f"can't set up the pod network namespace {ns} (ip {' '.join(step)}: "
+                    f"{err.strip()}); the agent needs CAP_NET_ADMIN and CAP_SYS_ADMIN (root), "
+                    "or --pod-network inside 127.0.0.0/8 (then no Service lists the pods)"
+                )
+        self._netns = (ns, host_if)
+
+    def argv_in_pod_network(self, argv: list[str]) -> list[str]:
+        """``argv`` run inside the pod network namespace (``ip netns exec``
+        execs in place: the process, its pid and its signals are the server's)."""
+        if self._netns is None:
+            return list(argv)
+        return ["ip", "netns", "exec", self._netns[0], *argv]
+
+    async def _teardown_pod_namespace(self, ns: str, host_if: str) -> None:
+        await _ip("netns", "del", ns)  # takes the veth pair with it
+        await _ip("link", "del", host_if)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -199,8 +236,7 @@ class NodeAgent:
         self.network, self._network_lock = claim_pod_network(
             self.config.pod_network, self.config.lock_dir, prefer
         )
-        for i in self.config.indices:
-            await self._add_loopback_alias(i)
+        await self._setup_pod_namespace()
         for attempt in range(60):
             try:
                 await self.register_nodes()
@@ -229,8 +265,8 @@ class NodeAgent:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         workers = list(self.workers.values())
         await asyncio.gather(*(w.stop_for_shutdown() for w in workers), return_exceptions=True)
-        for alias in self._aliases:
-            await _ip("addr", "del", alias, "dev", "lo")
+        if self._netns is not None:
+            await self._teardown_pod_namespace(*self._netns)
         log.info("node agent stopped (%d pods' processes ended)", len(workers))
 
     # ---- nodes -----------------------------------------------------------------------
@@ -792,7 +828,7 @@ class ContainerWorker:
         try:
             with self._log_path.open("wb") as out:
                 self.proc = await asyncio.create_subprocess_exec(
-                    *proc_plan.argv,
+                    *self.agent.argv_in_pod_network(proc_plan.argv),
                     env=proc_plan.env,
                     cwd=pod.dir / "home",
                     stdout=out,

@@ -45,15 +45,21 @@ def test_pod_cidrs_are_distinct_and_not_loopback_addresses() -> None:
         "198.18.4.0/24",
     ]
     # EndpointSlices refuse loopback addresses (ValidateEndpointIP): the pod
-    # network is put on the loopback interface instead of living in 127/8.
+    # network lives in a network namespace of the cluster's own instead of 127/8.
     assert not any(c.subnet_of(ipaddress.IPv4Network("127.0.0.0/8")) for c in cidrs)
     assert plan.compute_node_ip(0) == "198.18.1.1"
-    assert plan.compute_loopback_alias(0) == "198.18.1.1/24"
+    # The host end of the veth pair is in the block's first /24, which no node has.
+    gateway = ipaddress.IPv4Address(plan.compute_pod_gateway())
+    assert str(gateway) == "198.18.0.1"
+    assert not any(gateway in c for c in cidrs)
+    block = ipaddress.IPv4Network("198.18.48.0/20")
+    assert plan.pod_namespace_name(block) == "autoglm-pods-198-18-48-0"
+    assert plan.pod_veth_name(block) == "agpc61230" and len(plan.pod_veth_name(block)) <= 15
+    assert plan.pod_veth_name(block) != plan.pod_veth_name(ipaddress.IPv4Network("198.18.64.0/20"))
     with pytest.raises(ValueError, match="node index"):
         plan.compute_pod_cidr(254)
     inside = ipaddress.IPv4Network("127.1.0.0/16")
     assert str(plan.compute_pod_cidr(2, inside)) == "127.1.3.0/24"
-    assert plan.compute_loopback_alias(2, inside) is None
 
 
 def test_live_node_is_tainted_and_labelled() -> None:
