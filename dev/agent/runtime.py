@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -210,7 +210,7 @@ class NodeAgent:
                 )
         self._netns = (ns, host_if)
 
-    def argv_in_pod_network(self, argv: list[str]) -> list[str]:
+    def argv_in_pod_network(self, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside the pod network namespace (``ip netns exec``
         execs in place: the process, its pid and its signals are the server's)."""
         if self._netns is None:
