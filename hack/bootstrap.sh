@@ -35,5 +35,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$VENV/bin/python"
 fi
 
 echo "==> control-plane and add-on binaries (cold: about 10 min of build for the control plane and"
-echo "    40 CPU-minutes for Prometheus, prometheus-adapter and Traefik on 2 cores; cached afterwards)"
+echo "    about 33 CPU-minutes for Prometheus, prometheus-adapter and Traefik on 2 cores; cached afterwards)"
 "$VENV/bin/autoglm-dev" cluster build
