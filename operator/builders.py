@@ -46,6 +46,10 @@ MODELS_MOUNT = "/models"
 DIGESTS_MOUNT = "/etc/autoglm/digests"
 DIGESTS_FILE = "sha256.json"
 TERMINATION_GRACE_EXTRA_SECONDS = 15
+# Before SIGTERM the pod waits this long, so that its removal from the
+# EndpointSlices reaches the Gateway and the clients that balance over the
+# headless Service: no new request is sent to a server that is draining.
+PRESTOP_SLEEP_SECONDS = 5
 
 # autoscaling target type -> the Pods metric name the HPA reads (docs/architecture.md)
 TARGET_METRICS: dict[str, str] = {
@@ -260,6 +264,10 @@ def build_deployment(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest:
         },
         "volumeMounts": mounts,
         **build_probes(spec),
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        # A server that exits before it can write /dev/termination-log (a bad
+        # model, a digest mismatch) still explains itself in the pod's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -271,7 +279,8 @@ def build_deployment(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest:
         "containers": [container],
         "volumes": volumes,
         "tolerations": build_tolerations(spec),
-        "terminationGracePeriodSeconds": server.shutdown_grace_seconds
+        "terminationGracePeriodSeconds": PRESTOP_SLEEP_SECONDS
+        + server.shutdown_grace_seconds
         + TERMINATION_GRACE_EXTRA_SECONDS,
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
