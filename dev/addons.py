@@ -576,10 +576,17 @@ def start_addons(
     )
 
     traefik_token = _token(cluster, "traefik", workdir / "traefik.token")
+    # Traefik prefers $KUBECONFIG over its endpoint and token flags: without
+    # this, a KUBECONFIG in the environment (a test session's) picks its cluster.
     cluster._spawn(
         "traefik",
-        bins["traefik"],
-        traefik_args(ports, state.server, pki.ca_cert, traefik_token),
+        Path("/usr/bin/env"),
+        [
+            "-u",
+            "KUBECONFIG",
+            str(bins["traefik"]),
+            *traefik_args(ports, state.server, pki.ca_cert, traefik_token),
+        ],
         state,
     )
     _apply(cluster, build_gateway(ports["traefik-web"]))
