@@ -335,7 +335,10 @@ def build_service_ports(spec: AutoGLMDeploymentSpec, *, with_metrics: bool) -> l
             "port": server.grpc_port,
             "targetPort": "grpc",
             "protocol": "TCP",
-            "appProtocol": "grpc",
+            # gRPC is cleartext HTTP/2: the standard name (KEP-3726) that Gateway
+            # API implementations (GEP-1911) read to speak h2c to the backend.
+            # Traefik refuses a GRPCRoute backend whose port says "grpc".
+            "appProtocol": "kubernetes.io/h2c",
         },
         {
             "name": "http",

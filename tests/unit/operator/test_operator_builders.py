@@ -300,5 +300,6 @@ def test_services_grpc_headless_and_scrape_annotations() -> None:
     assert headless["spec"]["clusterIP"] == "None"
     assert {p["name"] for p in main["spec"]["ports"]} == {"grpc", "http", "metrics"}
     assert (
-        next(p for p in headless["spec"]["ports"] if p["name"] == "grpc")["appProtocol"] == "grpc"
+        next(p for p in headless["spec"]["ports"] if p["name"] == "grpc")["appProtocol"]
+        == "kubernetes.io/h2c"
     )
