@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -169,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=8)
     args = parser.parse_args(argv)
 
-    from autoglm_dev.cluster import ExistingCluster, LocalCluster, free_port, install_crd
+    from autoglm_dev.cluster import (
+        ExistingCluster,
+        LocalCluster,
+        free_port,
+        install_crd,
+        operator_command,
+    )
 
     workdir = Path(tempfile.mkdtemp(prefix="autoglm-bench-"))
     cluster: Any
@@ -200,16 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         with log_path.open("wb") as log:
             operator = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "kopf",
-                    "run",
-                    "--standalone",
-                    "--all-namespaces",
-                    "-m",
-                    "autoglm_operator.handlers",
-                ],
+                operator_command(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
 
-    from autoglm_dev.cluster import LocalCluster, free_port, install_crd
+    from autoglm_dev.cluster import LocalCluster, free_port, install_crd, operator_command
     from autoglm_operator.settings import Settings
 
     workdir = Path(tempfile.mkdtemp(prefix="autoglm-scale-"))
@@ -384,16 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         install_crd(cluster)
         with log_path.open("wb") as log:
             operator = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "kopf",
-                    "run",
-                    "--standalone",
-                    "--all-namespaces",
-                    "-m",
-                    "autoglm_operator.handlers",
-                ],
+                operator_command(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -700,6 +700,22 @@ def run_kubectl(
     return proc
 
 
+def operator_command(*scope: str) -> list[str]:
+    """The command that runs the operator from this checkout's environment
+    (``kopf run <scope> -m autoglm_operator.handlers``); ``scope`` defaults to
+    ``--standalone --all-namespaces``. Run it with a working directory other than
+    the checkout's root, whose ``operator/`` would shadow the standard library."""
+    return [
+        sys.executable,
+        "-m",
+        "kopf",
+        "run",
+        *(scope or ("--standalone", "--all-namespaces")),
+        "-m",
+        "autoglm_operator.handlers",
+    ]
+
+
 def install_crd(cluster: LocalCluster | ExistingCluster) -> Path:
     """Server-side apply the AutoGLMDeployment CRD and wait until it is served."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))

@@ -8,7 +8,6 @@ import ipaddress
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from autoglm_dev.agent import build_live_placement
+from autoglm_dev.cluster import operator_command
 from autoglm_dev.waiting import wait_until
 
 MODEL_SOURCE = "hf://autoglm-test/tiny-glm4"
@@ -174,16 +174,7 @@ def start_operator(kubeconfig: Path, log_path: Path, resync_seconds: float) -> O
     }
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kopf",
-                "run",
-                "--standalone",
-                "--all-namespaces",
-                "-m",
-                "autoglm_operator.handlers",
-            ],
+            operator_command(),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from autoglm_dev.cluster import operator_command
 from autoglm_dev.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -106,7 +106,7 @@ def start_operator(
     }
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kopf", "run", *scope, "-m", "autoglm_operator.handlers"],
+            operator_command(*scope),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
