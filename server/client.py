@@ -40,6 +40,11 @@ from autoglm_server.proto.autoglm.v1 import autoglm_pb2 as pb
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:8001"
+# Per-request balancing over every address the target resolves to: an
+# ``ipv4:a:p,b:p`` list, or ``dns:///svc.ns:8001`` of a headless Service (one A
+# record per ready pod). gRPC's default (pick_first) would send every request
+# of a channel to one backend.
+LB_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 _FINISH_NAMES = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
@@ -219,11 +224,33 @@ def wait_until_serving(target: str, timeout_s: float = 300.0, service: str = "")
         time.sleep(0.1)
 
 
-class AutoGLMClient:
-    """Blocking client for autoglm.v1 and grpc.health.v1 over one channel."""
+def channel_options(
+    extra: Sequence[tuple[str, Any]] = (), *, balance: bool = True
+) -> list[tuple[str, Any]]:
+    """The client's channel options: round_robin over the resolved backends (unless ``balance`` is off).
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None) -> None:
-        self._channel = grpc.insecure_channel(target)
+    The service config is the channel's default; a resolver that supplies its
+    own (a DNS TXT record) would override it, which Kubernetes DNS does not do.
+    """
+    options: list[tuple[str, Any]] = []
+    if balance:
+        options.append(("grpc.service_config", LB_SERVICE_CONFIG))
+    options.extend(extra)
+    return options
+
+
+class AutoGLMClient:
+    """Blocking client for autoglm.v1 and grpc.health.v1 over one channel.
+
+    ``target`` is anything gRPC resolves: ``host:port``, ``ipv4:10.0.0.1:8001,10.0.0.2:8001``
+    or ``dns:///autoglm-headless.ns.svc:8001``; requests are balanced round-robin
+    over every address (``balance=False`` keeps gRPC's pick_first).
+    """
+
+    def __init__(
+        self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, balance: bool = True
+    ) -> None:
+        self._channel = grpc.insecure_channel(target, options=channel_options(balance=balance))
         self._stub = pb_grpc.AutoGLMStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout
@@ -274,11 +301,14 @@ class AutoGLMClient:
 class AsyncAutoGLMClient:
     """The same over grpc.aio, for many concurrent requests from one thread.
 
-    ``deadline`` (seconds) is the gRPC deadline the server enforces.
+    ``deadline`` (seconds) is the gRPC deadline the server enforces. Targets
+    and balancing as for :class:`AutoGLMClient`.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, balance: bool = True
+    ) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=channel_options(balance=balance))
         self._stub = pb_grpc.AutoGLMStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout

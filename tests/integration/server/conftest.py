@@ -40,8 +40,8 @@ def start_server(tiny_model: Path, tmp_path: Path) -> Iterator[type[ServerProces
     started: list[ServerProcess] = []
 
     class _Tracked(ServerProcess):
-        def __init__(self, *args: str, model: Path | None = None) -> None:
-            super().__init__(model or tiny_model, tmp_path, *args)
+        def __init__(self, *args: str, model: Path | None = None, host: str = "127.0.0.1") -> None:
+            super().__init__(model or tiny_model, tmp_path, *args, host=host)
             started.append(self)
 
     yield _Tracked  # type: ignore[misc]

@@ -27,25 +27,26 @@ from autoglm_server.client import wait_until_serving
 START_LIMIT_S = 120.0  # torch import + load + warm-up on two busy cores
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
 class ServerProcess:
     """One ``autoglm-server`` subprocess and the ways tests look at it."""
 
-    def __init__(self, model: Path, workdir: Path, *args: str) -> None:
-        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
-        self.log_path = workdir / f"server-{self.grpc_port}.log"
+    def __init__(self, model: Path, workdir: Path, *args: str, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.grpc_port, self.http_port, self.metrics_port = (free_port(host) for _ in range(3))
+        self.log_path = workdir / f"server-{host}-{self.grpc_port}.log"
         cmd = [
             sys.executable,
             "-m",
             "autoglm_server",
             "--model", str(model),
             "--device", "cpu",
-            "--host", "127.0.0.1",
+            "--host", host,
             "--grpc-port", str(self.grpc_port),
             "--http-port", str(self.http_port),
             "--metrics-port", str(self.metrics_port),
@@ -62,11 +63,11 @@ class ServerProcess:
             cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env=env
         )
         self.channel = grpc.insecure_channel(self.target)
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=30)
+        self.http = httpx.Client(base_url=f"http://{host}:{self.http_port}", timeout=30)
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -99,7 +100,7 @@ class ServerProcess:
         self, port: int | None = None
     ) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         """Every sample of /metrics, keyed by (name, labels)."""
-        resp = httpx.get(f"http://127.0.0.1:{port or self.http_port}/metrics", timeout=10)
+        resp = httpx.get(f"http://{self.host}:{port or self.http_port}/metrics", timeout=10)
         resp.raise_for_status()
         out = {}
         for family in text_string_to_metric_families(resp.text):
