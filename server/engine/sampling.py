@@ -152,6 +152,14 @@ class Sampler:
             )
         if self._counts is not None:
             self._counts[slots_d] = 0
+            # A request re-admitted after a preemption counts what it generated before.
+            for s in new:
+                if s.output_token_ids and (s.params.presence_penalty or s.params.frequency_penalty):
+                    ids = torch.tensor(s.output_token_ids, dtype=torch.int64).to(self.device)
+                    ones = torch.ones(
+                        len(s.output_token_ids), dtype=torch.int32, device=self.device
+                    )
+                    self._counts[s.slot].index_put_((ids,), ones, accumulate=True)
         for s in new:
             self._admit_bias(s)
             self._slot_request[s.slot] = s.request_id

@@ -106,6 +106,9 @@ class ScheduledSeq:
     # When is_new: the tokens before start_pos, already in the KV cache (prefix
     # hits); the runner's repetition penalty must count them as seen.
     cached_token_ids: list[int] = field(default_factory=list)
+    # When is_new after a preemption: the tokens the request generated before it,
+    # so the sampler's presence/frequency counts start from them, not from zero.
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -416,6 +419,7 @@ class Scheduler:
             is_new=is_new,
             params=state.params,
             is_prefill=True,
+            output_token_ids=list(state.output_token_ids) if is_new else [],
         )
 
     def update(self, scheduled: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
