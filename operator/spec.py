@@ -201,6 +201,162 @@ class AutoscalingSpec(_Model):
         return self
 
 
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+Duration = Annotated[str, Field(max_length=32, pattern=DURATION_PATTERN)]
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+REVISION_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a validated duration (``500ms``, ``30s``, ``5m``, ``1h30m``)."""
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(text))
+
+
+class PauseStep(_Model):
+    """``steps[].pause``: hold the weight; without a duration, until resumed."""
+
+    duration: Duration | None = None
+
+
+class AnalysisStep(_Model):
+    """``steps[].analysis``: judge canary against stable on Prometheus until a verdict."""
+
+    interval: Duration = "10s"
+    successful_intervals: int = Field(default=3, ge=1, le=100)
+    failed_intervals: int = Field(default=2, ge=1, le=100)
+    timeout: Duration = "5m"
+    min_requests: int = Field(default=20, ge=0, le=1000000)
+    window: Duration | None = None
+
+
+class CanaryStep(_Model):
+    """One entry of ``spec.canary.steps``: exactly one of setWeight, pause, analysis."""
+
+    set_weight: int | None = Field(default=None, ge=0, le=100)
+    pause: PauseStep | None = None
+    analysis: AnalysisStep | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CanaryStep:
+        given = [x for x in (self.set_weight, self.pause, self.analysis) if x is not None]
+        if len(given) != 1:
+            raise ValueError("each canary step must have exactly one of setWeight, pause, analysis")
+        return self
+
+
+class MetricCheckSpec(_Model):
+    """One entry of ``spec.canary.analysis.metrics``: a user PromQL query and its limits."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    query: str = Field(min_length=1, max_length=4096)
+    max: float | None = None
+    min: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MetricCheckSpec:
+        if self.max is None and self.min is None:
+            raise ValueError("canary.analysis.metrics needs max, min or both")
+        return self
+
+
+class CanaryAnalysisSpec(_Model):
+    """``spec.canary.analysis``: the thresholds every analysis step applies."""
+
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    max_ttft_p95_seconds: float = Field(default=1.0, ge=0, le=3600, alias="maxTTFTP95Seconds")
+    max_tpot_p95_seconds: float = Field(default=1.0, ge=0, le=3600, alias="maxTPOTP95Seconds")
+    max_ttft_ratio: float = Field(default=2.0, ge=0, le=1000, alias="maxTTFTRatio")
+    max_tpot_ratio: float = Field(default=2.0, ge=0, le=1000, alias="maxTPOTRatio")
+    latency_action: Literal["pause", "rollback"] = "pause"
+    metrics: list[MetricCheckSpec] = Field(default_factory=list, max_length=8)
+
+    @model_validator(mode="after")
+    def _check(self) -> CanaryAnalysisSpec:
+        names = [m.name for m in self.metrics]
+        if len(names) != len(set(names)):
+            raise ValueError("canary.analysis.metrics names must be unique")
+        return self
+
+
+class CanaryBatchingSpec(_Model):
+    """``spec.canary.server.batching``: the batching fields the canary changes."""
+
+    max_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    max_batch_tokens: int | None = Field(default=None, ge=1, le=1048576)
+    max_queue_delay_ms: int | None = Field(default=None, ge=0, le=60000)
+    max_queue_length: int | None = Field(default=None, ge=1, le=1000000)
+    priority_levels: int | None = Field(default=None, ge=1, le=16)
+
+
+class CanaryServerSpec(_Model):
+    """``spec.canary.server``: server settings the canary changes (ports stay shared)."""
+
+    batching: CanaryBatchingSpec | None = None
+    shutdown_grace_seconds: int | None = Field(default=None, ge=0, le=3600)
+
+
+class CanarySpec(_Model):
+    """``spec.canary``: a second revision and how traffic moves to it."""
+
+    model: ModelSpec | None = None
+    image: str | None = Field(default=None, min_length=1, max_length=512)
+    server: CanaryServerSpec | None = None
+    weight: int | None = Field(default=None, ge=0, le=100)
+    steps: list[CanaryStep] | None = Field(default=None, min_length=1, max_length=32)
+    analysis: CanaryAnalysisSpec = Field(default_factory=CanaryAnalysisSpec)
+    auto_promote: bool = True
+    auto_rollback: bool = True
+    paused: bool = False
+    strategy: Literal["surge", "replace"] = "surge"
+    min_replicas: int | None = Field(default=None, ge=1, le=1000)
+    max_replicas: int | None = Field(default=None, ge=1, le=1000)
+    ready_timeout: Duration = "10m"
+
+    @model_validator(mode="after")
+    def _check(self) -> CanarySpec:
+        if (self.weight is None) == (self.steps is None):
+            raise ValueError("canary needs exactly one of weight or steps")
+        if (
+            self.min_replicas is not None
+            and self.max_replicas is not None
+            and self.min_replicas > self.max_replicas
+        ):
+            raise ValueError("canary.minReplicas must be <= canary.maxReplicas")
+        return self
+
+
+class GatewayRef(_Model):
+    """``spec.traffic.gateway``: the parent Gateway of the routes."""
+
+    name: str = Field(min_length=1, max_length=253)
+    namespace: str | None = Field(default=None, min_length=1, max_length=63)
+    section_name: str | None = Field(default=None, min_length=1, max_length=253)
+
+
+class TrafficSpec(_Model):
+    """``spec.traffic``: how requests are split between revisions."""
+
+    provider: Literal["gatewayAPI", "istio", "replicas"] = "replicas"
+    gateway: GatewayRef | None = None
+    hostnames: list[Annotated[str, Field(max_length=253)]] = Field(
+        default_factory=list, max_length=16
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrafficSpec:
+        if self.provider == "gatewayAPI" and self.gateway is None:
+            raise ValueError("traffic.gateway is required with provider gatewayAPI")
+        return self
+
+
+class RolloutSpec(_Model):
+    """``spec.rollout``: revision history and instant rollback."""
+
+    revision_history_limit: int = Field(default=3, ge=1, le=10)
+    instant_rollback_window: Duration = "10m"
+
+
 class AutoGLMDeploymentSpec(_Model):
     """``spec`` of an AutoGLMDeployment."""
 
@@ -209,6 +365,27 @@ class AutoGLMDeploymentSpec(_Model):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     server: ServerSpec = Field(default_factory=ServerSpec)
     autoscaling: AutoscalingSpec | None = None
+    canary: CanarySpec | None = None
+    traffic: TrafficSpec | None = None
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    rollback_to: str | None = Field(
+        default=None, min_length=1, max_length=63, pattern=REVISION_NAME_PATTERN
+    )
+
+    @model_validator(mode="after")
+    def _check_canary(self) -> AutoGLMDeploymentSpec:
+        canary = self.canary
+        if canary is not None and canary.server is not None and canary.server.batching is not None:
+            merged = {
+                **self.server.batching.model_dump(),
+                **canary.server.batching.model_dump(exclude_none=True),
+            }
+            if merged["max_batch_tokens"] < merged["max_batch_size"]:
+                raise ValueError(
+                    "canary.server.batching: maxBatchTokens must be >= maxBatchSize "
+                    "(together with spec.server.batching)"
+                )
+        return self
 
 
 # ---- status -----------------------------------------------------------------
@@ -233,6 +410,71 @@ class Endpoints(_Model):
     http: str | None = None
 
 
+CanaryPhase = Literal[
+    "Progressing",
+    "Paused",
+    "Analyzing",
+    "Promoting",
+    "Promoted",
+    "RollingBack",
+    "RolledBack",
+    "Failed",
+]
+
+
+class LastAnalysis(_Model):
+    """``status.canary.lastAnalysis``: the latest analysis interval and the step's counts."""
+
+    time: str | None = None
+    verdict: Literal["Pass", "Fail", "Inconclusive"] | None = None
+    good_intervals: int | None = None
+    bad_intervals: int | None = None
+    values: dict[str, float] | None = None
+    step: int | None = None
+    step_verdict: Literal["Running", "Pass", "Fail"] | None = None
+    started_at: float | None = None
+    reason: str | None = None
+    action: Literal["pause", "rollback"] | None = None
+
+
+class RevisionReplicas(_Model):
+    """``status.canary.replicas.<revision>``."""
+
+    replicas: int | None = None
+    ready_replicas: int | None = None
+
+
+class CanaryStatus(_Model):
+    """``status.canary``: where the rollout between two revisions stands."""
+
+    phase: CanaryPhase | None = None
+    stable_revision: str | None = None
+    canary_revision: str | None = None
+    step: int | None = None
+    weight: int | None = None
+    message: str | None = None
+    reason: str | None = None
+    last_analysis: LastAnalysis | None = None
+    replicas: dict[str, RevisionReplicas] | None = None
+    started_at: str | None = None
+    step_started_at: str | None = None
+    promoted_at: str | None = None
+    rollback_started_at: str | None = None
+    weight_zero_at: str | None = None
+    action: str | None = None
+
+
+class RevisionStatus(_Model):
+    """One entry of ``status.revisions``: a revision that served, newest first."""
+
+    name: str
+    image: str | None = None
+    model: dict[str, Any] | None = None
+    server: dict[str, Any] | None = None
+    promoted_at: str | None = None
+    warm_until: str | None = None
+
+
 class AutoGLMDeploymentStatus(_Model):
     """``status`` of an AutoGLMDeployment, written by the operator only."""
 
@@ -244,6 +486,8 @@ class AutoGLMDeploymentStatus(_Model):
     selector: str | None = None
     model_revision: str | None = None
     endpoints: Endpoints | None = None
+    canary: CanaryStatus | None = None
+    revisions: list[RevisionStatus] | None = Field(default=None, max_length=10)
 
 
 # ---- parsing helpers (pure) -------------------------------------------------
@@ -285,6 +529,44 @@ def compute_model_version(model: ModelSpec) -> str:
 def parse_spec(raw: Any) -> AutoGLMDeploymentSpec:
     """Validate a ``spec`` mapping; raises pydantic.ValidationError."""
     return AutoGLMDeploymentSpec.model_validate(raw)
+
+
+def compute_canary_spec(spec: AutoGLMDeploymentSpec) -> AutoGLMDeploymentSpec:
+    """The spec the canary revision runs: ``spec`` with ``spec.canary``'s overrides.
+
+    ``canary.model`` replaces the model, ``canary.image`` the image, and
+    ``canary.server`` changes the batching fields and drain time it names.
+    Raises pydantic.ValidationError when the result is inconsistent.
+    """
+    canary = spec.canary
+    if canary is None:
+        return spec
+    server = spec.server.model_dump(by_alias=False)
+    if canary.image is not None:
+        server["image"] = canary.image
+    if canary.server is not None:
+        if canary.server.shutdown_grace_seconds is not None:
+            server["shutdown_grace_seconds"] = canary.server.shutdown_grace_seconds
+        if canary.server.batching is not None:
+            server["batching"].update(canary.server.batching.model_dump(exclude_none=True))
+    return spec.model_copy(
+        update={
+            "model": canary.model if canary.model is not None else spec.model,
+            "server": ServerSpec.model_validate(server),
+        }
+    )
+
+
+def compute_revision_spec(
+    spec: AutoGLMDeploymentSpec, model: Any, server: Any
+) -> AutoGLMDeploymentSpec:
+    """``spec`` serving a recorded revision (``status.revisions[]``: its model and server)."""
+    return spec.model_copy(
+        update={
+            "model": ModelSpec.model_validate(model),
+            "server": ServerSpec.model_validate(server),
+        }
+    )
 
 
 MAX_DIGEST_KEY_LENGTH = 512

@@ -134,6 +134,10 @@ def check_type(
                 f"{where}: maxItems CRD={sub.get('maxItems')} pydantic={_constraint(info, 'max_length')}"
             )
         return
+    if origin is dict and get_args(inner)[1] is Any:
+        if stype != "object" or not sub.get("x-kubernetes-preserve-unknown-fields"):
+            problems.append(f"{where}: CRD is not an object that keeps unknown fields")
+        return
     if origin is dict:
         if stype != "object" or "additionalProperties" not in sub:
             problems.append(f"{where}: CRD is not a map")
@@ -261,7 +265,7 @@ def test_crd_metadata() -> None:
     }
     assert "status" in version["subresources"]
     columns = [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority", 0) == 0]
-    assert columns == ["Ready", "Model", "Replicas", "Age"]
+    assert columns == ["Ready", "Model", "Replicas", "Canary", "Age"]
 
 
 # ---- examples and invalid specs, offline --------------------------------------------
@@ -335,6 +339,40 @@ INVALID_FOR_PYDANTIC = [
     ),
     ({"model": {"source": "/m"}, "bogus": 1}, "bogus"),
 ]
+M = {"source": "/m"}
+GW = {"name": "gw"}
+INVALID_FOR_PYDANTIC += [
+    ({"model": M, "canary": {"image": "x"}}, "exactly one of weight or steps"),
+    ({"model": M, "canary": {"weight": 5, "steps": [{"setWeight": 5}]}}, "exactly one of weight"),
+    ({"model": M, "canary": {"weight": 101}}, "weight"),
+    ({"model": M, "canary": {"steps": []}}, "steps"),
+    ({"model": M, "canary": {"steps": [{}]}}, "exactly one of setWeight, pause, analysis"),
+    (
+        {"model": M, "canary": {"steps": [{"setWeight": 5, "pause": {}}]}},
+        "exactly one of setWeight, pause, analysis",
+    ),
+    ({"model": M, "canary": {"steps": [{"setWeight": -1}]}}, "setWeight"),
+    ({"model": M, "canary": {"steps": [{"pause": {"duration": "soon"}}]}}, "duration"),
+    ({"model": M, "canary": {"weight": 5, "minReplicas": 3, "maxReplicas": 2}}, "minReplicas"),
+    ({"model": M, "canary": {"weight": 5, "analysis": {"maxErrorRate": 2}}}, "maxErrorRate"),
+    (
+        {
+            "model": M,
+            "canary": {"weight": 5, "analysis": {"metrics": [{"name": "x", "query": "q"}]}},
+        },
+        "max, min or both",
+    ),
+    ({"model": M, "canary": {"weight": 5, "strategy": "yolo"}}, "strategy"),
+    (
+        {"model": M, "canary": {"weight": 5, "server": {"batching": {"maxBatchTokens": 8}}}},
+        "maxBatchTokens must be >= maxBatchSize",
+    ),
+    ({"model": M, "canary": {"weight": 5, "model": {"source": "s3://x"}}}, "hf://, pvc:// or /"),
+    ({"model": M, "traffic": {"provider": "gatewayAPI"}}, "traffic.gateway is required"),
+    ({"model": M, "traffic": {"provider": "linkerd"}}, "provider"),
+    ({"model": M, "rollout": {"revisionHistoryLimit": 0}}, "revisionHistoryLimit"),
+    ({"model": M, "rollbackTo": "Not_A_Name"}, "rollbackTo"),
+]
 # Path-like digest keys the server would refuse at start (crash-looping pods).
 BAD_DIGEST_KEYS = ["../../../etc/shadow", "/proc/self/environ", "", "a/../b", "..", "x" * 513]
 INVALID_FOR_PYDANTIC += [
@@ -372,3 +410,60 @@ def test_model_version() -> None:
 @pytest.mark.parametrize("key", ["model.safetensors", "sub/dir/x.bin", "a..b", ".hidden"])
 def test_digest_keys_inside_the_model_are_accepted(key: str) -> None:
     assert parse_spec({"model": {"source": "/m", "sha256": {key: "a" * 64}}}).model.sha256
+
+
+VALID_CANARY = {
+    "model": {"source": "hf://org/glm@v1"},
+    "canary": {
+        "model": {"source": "hf://org/glm@v2"},
+        "steps": [
+            {"setWeight": 10},
+            {"pause": {"duration": "30s"}},
+            {"analysis": {"interval": "10s"}},
+            {"pause": {}},
+        ],
+        "analysis": {"metrics": [{"name": "kv", "query": "sum(x{pod=~'{{pods}}'})", "max": 0.9}]},
+    },
+    "traffic": {"provider": "gatewayAPI", "gateway": {"name": "gw", "sectionName": "http"}},
+    "rollbackTo": "0a1b2c3d",
+}
+
+
+def test_a_canary_spec_is_accepted_by_schema_and_model_alike() -> None:
+    schema = SCHEMA["properties"]["spec"]
+    jsonschema.validate(VALID_CANARY, schema)
+    stored = apply_defaults(schema, VALID_CANARY)
+    spec = parse_spec(stored)
+    assert spec.model_dump(mode="json", by_alias=True, exclude_none=True) == stored
+    assert spec.canary is not None and spec.canary.steps is not None
+    assert stored["canary"]["steps"][2]["analysis"]["successfulIntervals"] == 3
+    assert stored["canary"]["analysis"]["maxErrorRate"] == 0.05
+    assert stored["rollout"] == {"revisionHistoryLimit": 3, "instantRollbackWindow": "10m"}
+
+
+def test_canary_spec_merges_overrides() -> None:
+    from autoglm_operator.spec import compute_canary_spec
+
+    spec = parse_spec(
+        {
+            "model": {"source": "/m"},
+            "server": {"image": "img:1", "batching": {"maxBatchSize": 8, "maxBatchTokens": 64}},
+            "canary": {"weight": 5, "image": "img:2", "server": {"batching": {"maxBatchSize": 4}}},
+        }
+    )
+    merged = compute_canary_spec(spec)
+    assert merged.server.image == "img:2"
+    assert (merged.server.batching.max_batch_size, merged.server.batching.max_batch_tokens) == (
+        4,
+        64,
+    )
+    assert merged.model == spec.model
+    assert merged.server.grpc_port == spec.server.grpc_port
+
+
+def test_parse_duration() -> None:
+    from autoglm_operator.spec import parse_duration
+
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("500ms") == 0.5
+    assert parse_duration("2.5s") == 2.5
