@@ -60,13 +60,8 @@ from autoglm_server.frontend import GenerationStream, ServerState, new_request_i
 from autoglm_server.frontends import openai_protocol as proto
 from autoglm_server.frontends.body import parse_json_body
 from autoglm_server.frontends.chat import template_messages
-from autoglm_server.frontends.tools import (
-    ToolCall,
-    ToolParser,
-    ToolSpec,
-    parser_for_template,
-    parser_named,
-)
+from autoglm_server.frontends.tool_stream import ChatStream, ToolPlan, plan_tools
+from autoglm_server.frontends.tools import ToolSpec
 from autoglm_server.validation import (
     check_room,
     format_loc,
@@ -545,38 +540,29 @@ def _check_priority(priority: int) -> None:
         raise InvalidRequestError("priority", "must be >= 0")
 
 
-@dataclass(slots=True)
-class _ToolPlan:
-    """How a chat request treats tools: which parser, and what the output must be."""
-
-    tools: list[ToolSpec]
-    parser: ToolParser | None  # None: tool calls are not parsed (no tools, or choice none)
-    named: str | None = None  # tool_choice names one function
-    forced: bool = False  # required or named: the output is a call, enforced by grammar
-
-
-def _tool_plan(body: proto.ChatCompletionRequest, state: ServerState, template: str | None):  # type: ignore[no-untyped-def]
-    tools = [ToolSpec(t.function.name, t.function.parameters) for t in body.tools or []]
-    choice = body.tool_choice
-    if choice is not None and not tools and choice != "none":
-        raise InvalidRequestError("tool_choice", "needs tools")
-    if body.tools is not None and not tools:
-        raise InvalidRequestError("tools", "must not be empty")
-    if len({t.name for t in tools}) != len(tools):
-        raise InvalidRequestError("tools", "function names must be unique")
-    if not tools or choice == "none":
-        return _ToolPlan(tools, None)
-    parser = parser_named(state.tool_parser) if state.tool_parser else parser_for_template(template)
-    if isinstance(choice, proto.NamedToolChoice):
-        name = choice.function.name
-        if name not in {t.name for t in tools}:
-            raise InvalidRequestError("tool_choice.function.name", f"no tool named {name!r}")
-        return _ToolPlan(tools, parser, named=name, forced=True)
-    return _ToolPlan(tools, parser, forced=choice == "required")
+def _tool_plan(
+    body: proto.ChatCompletionRequest, state: ServerState, template: str | None
+) -> ToolPlan:
+    tools = (
+        None
+        if body.tools is None
+        else [ToolSpec(t.function.name, t.function.parameters) for t in body.tools]
+    )
+    named = body.tool_choice
+    choice = (
+        f"function:{named.function.name}" if isinstance(named, proto.NamedToolChoice) else named
+    )
+    return plan_tools(
+        tools,
+        choice,
+        parser_name=state.tool_parser,
+        template=template,
+        parallel=body.parallel_tool_calls,
+    )
 
 
 def _grammar_spec(
-    body: proto.ChatCompletionRequest, plan: _ToolPlan
+    body: proto.ChatCompletionRequest, plan: ToolPlan
 ) -> tuple[GrammarSpec, str] | None:
     fmt = body.response_format
     wants_json = fmt is not None and fmt.type != "text"
@@ -585,9 +571,7 @@ def _grammar_spec(
             "response_format", "cannot be combined with tool_choice required or a named tool"
         )
     if plan.forced:
-        assert plan.parser is not None
-        tools = [t for t in plan.tools if plan.named in (None, t.name)]
-        return plan.parser.grammar(tools), "tool_choice"
+        return plan.grammar(), "tool_choice"
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
@@ -773,8 +757,6 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
             raise InvalidRequestError("max_completion_tokens", "give it or max_tokens, not both")
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidRequestError("top_logprobs", "needs logprobs: true")
-        if body.parallel_tool_calls is False and body.tools:
-            pass  # at most one call is what every supported parser produces anyway
         _check_priority(body.priority)
         messages = template_messages(body.messages)
         renderer = state.chat_renderer(engine)
@@ -818,7 +800,7 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
         created = int(time.time())
         cid = f"chatcmpl-{new_request_id()}"
         text_of = _TokenText(engine) if params.logprobs is not None else None
-        call_finish = "stop" if plan.named else "tool_calls"
+        call_finish = plan.call_finish
 
         def chunk(index: int, delta: dict[str, Any], finish: dict[str, Any], lps: Any):  # type: ignore[no-untyped-def]
             return {
@@ -848,7 +830,7 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
 
             async def events() -> AsyncIterator[str]:
                 completion_tokens = 0
-                streams = [_ChatStream(plan) for _ in gens]
+                streams = [ChatStream(plan) for _ in gens]
                 for i in range(len(gens)):
                     yield _sse(chunk(i, {"role": "assistant", "content": ""}, {}, None))
                 async for index, delta in opened.merged():
@@ -873,7 +855,7 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
         choices = await _run_to_end(state, request, gens)
         out_choices = []
         for i, c in enumerate(choices):
-            calls = plan.parser.parse(c.text, plan.tools) if plan.parser is not None else []
+            calls = plan.parse(c.text)
             message: dict[str, Any] = {"role": "assistant", "content": c.text}
             if calls:
                 message = {
@@ -901,97 +883,6 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
         )
 
     return app
-
-
-Piece = tuple[dict[str, Any], list[TokenLogprob]]  # a chunk's delta and its logprobs
-
-
-class _ChatStream:
-    """One streamed chat choice: plain content, or tool calls.
-
-    While the output so far could still be a tool call (the parser says so),
-    text and its logprobs are held; once it can't, what was held is sent as
-    content and the rest streams as it comes. Once the parser sees a call
-    under way (GLM-4: the name line, then ``{``), its id and name go out and
-    the arguments follow as they are generated; a parser that can't tell
-    early (Llama-3 JSON) sends the call when it is complete. That is how the
-    openai client assembles ``tool_calls``: by index, name first, arguments
-    concatenated.
-    """
-
-    def __init__(self, plan: _ToolPlan) -> None:
-        self._plan = plan
-        self._holding = plan.parser is not None
-        self._held: list[str] = []
-        self._held_lps: list[TokenLogprob] = []
-        self._call: ToolCall | None = None  # a call being streamed
-        self._sent_args = ""
-        self.has_calls = False
-
-    def _take_lps(self) -> list[TokenLogprob]:
-        lps, self._held_lps = self._held_lps, []
-        return lps
-
-    def _stream_call(self, name: str, args: str) -> list[Piece]:
-        out: list[Piece] = []
-        if self._call is None:
-            self._call = ToolCall.new(name, "")
-            self.has_calls = True
-            head = {**self._call.to_json(0), "function": {"name": name, "arguments": ""}}
-            out.append(({"tool_calls": [head]}, []))
-        if len(args) > len(self._sent_args) and args.startswith(self._sent_args):
-            more = args[len(self._sent_args) :]
-            self._sent_args = args
-            out.append(
-                ({"tool_calls": [{"index": 0, "function": {"arguments": more}}]}, self._take_lps())
-            )
-        return out
-
-    def add(self, delta: GenerationDelta) -> list[Piece]:
-        lps = list(delta.logprobs or ())
-        if not self._holding:
-            return [({"content": delta.text}, lps)] if delta.text or lps else []
-        self._held.append(delta.text)
-        self._held_lps.extend(lps)
-        parser = self._plan.parser
-        assert parser is not None
-        text = "".join(self._held)
-        partial = parser.partial(text, self._plan.tools)
-        if partial is not None:
-            return self._stream_call(*partial)
-        if (
-            self._call is not None
-            or self._plan.forced
-            or parser.may_be_call(text, self._plan.tools)
-        ):
-            return []
-        self._holding = False
-        self._held = []
-        return [({"content": text}, self._take_lps())]
-
-    def finish(self) -> list[Piece]:
-        """What is still to send when the choice ends (``has_calls`` says which kind)."""
-        text = "".join(self._held)
-        parser = self._plan.parser
-        if not self._holding or parser is None:
-            return [({"content": text}, self._take_lps())] if text or self._held_lps else []
-        calls = parser.parse(text, self._plan.tools)
-        if self._call is not None:
-            if calls and calls[0].arguments.startswith(self._sent_args):
-                return self._stream_call(self._call.name, calls[0].arguments) or (
-                    [({}, self._take_lps())] if self._held_lps else []
-                )
-            return [({}, self._take_lps())] if self._held_lps else []  # cut short (length)
-        if not calls:
-            return [({"content": text}, self._take_lps())]
-        self.has_calls = True
-        out: list[Piece] = []
-        for j, call in enumerate(calls):
-            head = {**call.to_json(j), "function": {"name": call.name, "arguments": ""}}
-            out.append(({"tool_calls": [head]}, []))
-            args = {"index": j, "function": {"arguments": call.arguments}}
-            out.append(({"tool_calls": [args]}, self._take_lps()))
-        return out
 
 
 def build_metrics_app(render_metrics: MetricsRenderer) -> FastAPI:

@@ -81,10 +81,11 @@ class ToolParser(ABC):
     def grammar(self, tools: Sequence[ToolSpec]) -> GrammarSpec:
         """The grammar of exactly one call to one of ``tools``."""
 
-    def partial(self, prefix: str, tools: Sequence[ToolSpec]) -> tuple[str, str] | None:
-        """(name, arguments so far) once ``prefix`` is committed to one call, for streaming
-        the arguments as they come; None (the default) sends the call when it is complete."""
-        return None
+    def partial_calls(self, prefix: str, tools: Sequence[ToolSpec]) -> list[tuple[str, str]]:
+        """[(name, arguments so far), ...] of the calls ``prefix`` has begun, for streaming
+        the arguments as they are generated; each call's arguments only grow, and add up
+        to what :meth:`parse` returns. Empty while no call is recognisable yet."""
+        return []
 
 
 class Glm4ToolParser(ToolParser):
@@ -105,13 +106,13 @@ class Glm4ToolParser(ToolParser):
         # The model's own text: what streaming sent piece by piece adds up to it.
         return [ToolCall.new(name.strip(), rest.strip())]
 
-    def partial(self, prefix: str, tools: Sequence[ToolSpec]) -> tuple[str, str] | None:
+    def partial_calls(self, prefix: str, tools: Sequence[ToolSpec]) -> list[tuple[str, str]]:
         line, sep, rest = prefix.lstrip().partition("\n")
         name = line.strip()
         args = rest.strip()
         if sep and name in {t.name for t in tools} and args.startswith("{"):
-            return name, args
-        return None
+            return [(name, args)]
+        return []
 
     def may_be_call(self, prefix: str, tools: Sequence[ToolSpec]) -> bool:
         head = prefix.lstrip()
@@ -134,6 +135,10 @@ class Llama3JsonToolParser(ToolParser):
         body = text.strip().removeprefix(self._TAG).strip()
         if not body.startswith("{"):
             return []
+        scanned, complete = _scan_llama3(body, {t.name for t in tools})
+        if complete:
+            # Each call's arguments as the model wrote them: what streaming sent adds up to it.
+            return [ToolCall.new(name, args) for name, args in scanned]
         names = {t.name for t in tools}
         calls = []
         decoder = json.JSONDecoder()
@@ -156,6 +161,10 @@ class Llama3JsonToolParser(ToolParser):
             pos = len(body) - len(rest)
         return calls
 
+    def partial_calls(self, prefix: str, tools: Sequence[ToolSpec]) -> list[tuple[str, str]]:
+        body = prefix.lstrip().removeprefix(self._TAG).lstrip()
+        return _scan_llama3(body, {t.name for t in tools})[0]
+
     def may_be_call(self, prefix: str, tools: Sequence[ToolSpec]) -> bool:
         head = prefix.lstrip()
         if head.startswith(self._TAG) or self._TAG.startswith(head):
@@ -174,6 +183,77 @@ class Llama3JsonToolParser(ToolParser):
         ]
         schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
         return GrammarSpec((("", json.dumps(schema, sort_keys=True)),))
+
+
+_LLAMA3_HEAD = re.compile(r'\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"(?:parameters|arguments)"\s*:\s*')
+
+
+def _object_end(text: str, start: int) -> int | None:
+    """The index after the JSON object that starts at ``text[start]`` (``{``); None if
+    the text ends inside it."""
+    depth = 0
+    in_string = escaped = False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
+
+
+def _scan_llama3(body: str, names: set[str]) -> tuple[list[tuple[str, str]], bool]:
+    """Llama-3 JSON calls written name first (``{"name": ..., "parameters": {...}}``,
+    ``;``-separated): [(name, raw arguments so far)], and whether ``body`` is exactly
+    complete calls whose arguments are JSON objects."""
+    out: list[tuple[str, str]] = []
+    pos = 0
+    while True:
+        head = _LLAMA3_HEAD.match(body, pos)
+        if head is None or head.group(1) not in names:
+            return out, False
+        start = head.end()
+        if start == len(body):
+            out.append((head.group(1), ""))
+            return out, False
+        if body[start] != "{":
+            return out, False
+        end = _object_end(body, start)
+        if end is None:
+            out.append((head.group(1), body[start:]))
+            return out, False
+        out.append((head.group(1), body[start:end]))
+        rest = body[end:].lstrip()
+        if not rest.startswith("}"):
+            return out, False
+        rest = rest[1:].lstrip()
+        if not rest:
+            complete = all(isinstance(_loads(a), dict) for _, a in out)
+            return out, complete
+        if not rest.startswith(";"):
+            return out, False
+        rest = rest[1:].lstrip()
+        pos = len(body) - len(rest)
+        if not rest:
+            return out, False
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 PARSERS: dict[str, type[ToolParser]] = {p.name: p for p in (Glm4ToolParser, Llama3JsonToolParser)}

@@ -121,3 +121,69 @@ async def test_tool_choice_errors_name_the_field(
         resp = await c.post("/v1/chat/completions", json={**BODY, **extra})
         assert resp.status_code == 400, resp.text
         assert resp.json()["error"]["param"] == param
+
+
+LLAMA_CALL = ['{"name": "get_', 'weather", "parameters": ', '{"city": ', '"Par', 'is"}', "}"]
+TWO_CALLS = [*LLAMA_CALL, "; ", '{"name": "get_weather", ', '"parameters": {"city": "Rome"}}']
+
+
+def _stream_tool_calls(chunks: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Assemble streamed tool calls as the openai client does (by index)."""
+    calls: dict[int, dict[str, Any]] = {}
+    for ch in chunks:
+        for tc in ch["choices"][0]["delta"].get("tool_calls") or []:
+            call = calls.setdefault(tc["index"], {"id": None, "name": None, "arguments": ""})
+            call["pieces"] = call.get("pieces", 0) + 1
+            if tc.get("id"):
+                call["id"] = tc["id"]
+            fn = tc.get("function") or {}
+            if fn.get("name"):
+                call["name"] = fn["name"]
+            call["arguments"] += fn.get("arguments") or ""
+    return calls
+
+
+@pytest.fixture
+async def llama() -> AsyncIterator[tuple[httpx.AsyncClient, FakeEngine]]:
+    """A server whose tool-call parser is llama3_json."""
+    state = ServerState()
+    state.tool_parser = "llama3_json"
+    engine = FakeEngine()
+    engine.finish_reason = FinishReason.STOP
+    state.engine = engine
+    state.set_phase(Phase.SERVING)
+    transport = httpx.ASGITransport(app=build_http_app(state, None))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        yield c, engine
+
+
+async def test_a_llama3_call_streams_its_arguments_as_they_come(
+    llama: tuple[httpx.AsyncClient, FakeEngine],
+) -> None:
+    c, engine = llama
+    engine.script = LLAMA_CALL
+    resp = await c.post("/v1/chat/completions", json={**BODY, "stream": True})
+    chunks = _chunks(resp.text)
+    calls = _stream_tool_calls(chunks)
+    assert list(calls) == [0]
+    assert calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    assert calls[0]["arguments"] == '{"city": "Paris"}'
+    assert calls[0]["pieces"] >= 3  # the head, then the arguments in several pieces
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+async def test_parallel_tool_calls_false_keeps_the_first_call(
+    llama: tuple[httpx.AsyncClient, FakeEngine], parallel: bool
+) -> None:
+    c, engine = llama
+    engine.script = TWO_CALLS
+    body = {**BODY, "parallel_tool_calls": parallel}
+    streamed = _stream_tool_calls(_chunks((await c.post(
+        "/v1/chat/completions", json={**body, "stream": True}
+    )).text))  # fmt: skip
+    whole = (await c.post("/v1/chat/completions", json=body)).json()
+    calls = whole["choices"][0]["message"]["tool_calls"]
+    want = ['{"city": "Paris"}', '{"city": "Rome"}'] if parallel else ['{"city": "Paris"}']
+    assert [call["function"]["arguments"] for call in calls] == want
+    assert [call["arguments"] for _, call in sorted(streamed.items())] == want
