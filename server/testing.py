@@ -183,3 +183,26 @@ def write_sha256_manifest(
     target = Path(out_file) if out_file is not None else root / "sha256.json"
     target.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return target
+
+
+def break_model(path: str | Path, value: float = float("nan")) -> Path:
+    """Turn the model at ``path`` into a broken revision: one element of its
+    final norm's weight becomes ``value`` (NaN by default), so every forward
+    pass yields non-finite logits while the model still loads and warms up.
+    The canary tests use it as a model that really fails on real input."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = Path(path)
+    weights = out / "model.safetensors"
+    tensors = load_file(weights)
+    norms = sorted(
+        name for name in tensors if name.endswith("norm.weight") and ".layers." not in name
+    )
+    if not norms:
+        raise ValueError(f"{weights}: no final norm weight to break")
+    broken = tensors[norms[0]].clone()
+    broken.view(-1)[0] = torch.tensor(value, dtype=broken.dtype)
+    tensors[norms[0]] = broken
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return out

@@ -65,7 +65,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, TokenDecoder
 from .loader import LoadedModel, load_model
-from .scheduler import RequestOutput, Scheduler, SchedulerOutput
+from .scheduler import RequestOutput, ScheduledSeq, Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ _Item = GenerationDelta | BaseException
 
 class EngineStepError(AutoGLMError):
     """A forward pass failed; only the requests in that batch fail (gRPC INTERNAL)."""
+
+
+# What a request whose logits were NaN or inf is told (gRPC INTERNAL; HTTP 500).
+NON_FINITE_MESSAGE = (
+    "the model produced non-finite logits (NaN or inf); this model revision is broken"
+)
 
 
 @dataclass(slots=True)
@@ -438,6 +444,17 @@ class LLMEngine:
             )
             self._fail_batch(sched, exc)
             return
+        if result.non_finite_rows:
+            sampled = [s for s in sched.seqs if s.sample]
+            bad = [sampled[i] for i in result.non_finite_rows]
+            logger.error(
+                "engine step %d: the model produced non-finite logits (NaN or inf) for %d of %d "
+                "requests; failing them",
+                sched.step_id,
+                len(bad),
+                len(sampled),
+            )
+            self._fail_seqs(bad, NON_FINITE_MESSAGE)
         with self._lock:
             outputs = scheduler.update(sched, result)
             work: list[tuple[RequestOutput, _Tracked]] = []
@@ -529,17 +546,23 @@ class LLMEngine:
         )
 
     def _fail_batch(self, sched: SchedulerOutput, exc: BaseException) -> None:
+        self._fail_seqs(sched.seqs, "internal error while generating", exc)
+
+    def _fail_seqs(
+        self, seqs: list[ScheduledSeq], message: str, exc: BaseException | None = None
+    ) -> None:
+        """End these requests with EngineStepError(message) (INTERNAL), counted once."""
         scheduler = self._scheduler
         assert scheduler is not None
         deliveries: list[tuple[asyncio.Queue[_Item], _Item]] = []
         with self._lock:
-            for seq in sched.seqs:
+            for seq in seqs:
                 scheduler.finish_request(seq.request_id, FinishReason.ERROR)
                 tracked = self._tracked.pop(seq.request_id, None)
                 if tracked is None or tracked.done:
                     continue
                 tracked.done = True
-                error = EngineStepError("internal error while generating")
+                error = EngineStepError(message)
                 error.__cause__ = exc
                 deliveries.append((tracked.queue, error))
         for _ in deliveries:

@@ -577,7 +577,9 @@ class ModelRunner:
 
     def _output(self, tokens: torch.Tensor) -> RunnerOutput:
         ids, logprobs = self.sampler.to_host(tokens)
-        return RunnerOutput(sampled_token_ids=ids, logprobs=logprobs)
+        return RunnerOutput(
+            sampled_token_ids=ids, logprobs=logprobs, non_finite_rows=self.sampler.non_finite_rows
+        )
 
     # -- helpers -----------------------------------------------------------------------------
 

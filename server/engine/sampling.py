@@ -26,6 +26,11 @@ draw.
   depend on what else is in the batch.
 - :meth:`Sampler.to_host` reads the step's tokens (and logprobs, packed into
   the same tensor) back with one copy: the one sync of the step.
+- Non-finite logits (a broken model: NaN or inf) are found with one reduction
+  per step on the device (a row sum is finite only if every logit is); a bad
+  row's token is sent back as ``-1 - token`` in the same copy, so finding them
+  costs no extra sync. ``to_host`` names the bad rows in ``non_finite_rows``;
+  the engine fails those requests (INTERNAL) instead of emitting garbage.
 
 Preemption by recompute: a request's generator and grammar matcher are
 parked when its slot is freed and given back when it is admitted again;
@@ -98,6 +103,8 @@ class Sampler:
         self._bitmask: torch.Tensor | None = None  # pinned host [num_slots, words] int32
         self._batch_matcher: Any = None  # xgrammar.BatchGrammarMatcher (a thread pool)
         self._logprobs: tuple[torch.Tensor, list[int]] | None = None  # of the last sample()
+        self._finite: torch.Tensor | None = None  # [B] bool of the last sample(): logits finite
+        self.non_finite_rows: list[int] = []  # of the last to_host(): rows with NaN/inf logits
 
     def free(self, slots: list[int]) -> None:
         """Release the slots of requests that finished or were preempted.
@@ -205,6 +212,8 @@ class Sampler:
         self, logits: torch.Tensor, rows: list[ScheduledSeq], slots: torch.Tensor
     ) -> torch.Tensor:
         """Batched sampling on the device; returns the token ids (still on the device)."""
+        # Before any masking (which writes -inf on purpose): one reduction per row.
+        self._finite = logits.sum(dim=-1).isfinite()
         info = self._summarise(rows, slots)
         if info.any_penalty:
             penalty = self._penalty[slots].unsqueeze(1)
@@ -256,14 +265,27 @@ class Sampler:
         """The step's token ids, and logprobs per row where asked: one device->host copy."""
         packed = self._logprobs
         self._logprobs = None
+        finite, self._finite = self._finite, None
+        self.non_finite_rows = []
         if packed is None:
-            return [int(t) for t in tokens.tolist()], None
+            if finite is not None:
+                tokens = torch.where(finite, tokens, -1 - tokens)
+            ids = [int(t) for t in tokens.tolist()]
+            if min(ids, default=0) < 0:
+                self.non_finite_rows = [i for i, t in enumerate(ids) if t < 0]
+                ids = [t if t >= 0 else -1 - t for t in ids]
+            return ids, None
         table, ks = packed
+        if finite is not None:
+            table[:, 0] = torch.where(finite, table[:, 0], -1 - table[:, 0])
         host = table.tolist()  # [B, 2 + 2 * kmax]: token, logprob, top ids, top logprobs
-        ids: list[int] = []
+        ids = []
         out: list[TokenLogprob | None] = []
-        for row, k in zip(host, ks, strict=True):
+        for i, (row, k) in enumerate(zip(host, ks, strict=True)):
             token = int(row[0])
+            if token < 0:
+                self.non_finite_rows.append(i)
+                token = -1 - token
             ids.append(token)
             if k < 0:
                 out.append(None)

@@ -133,6 +133,9 @@ class RunnerOutput:
     sampled_token_ids: list[int]  # aligned with [s for s in seqs if s.sample]
     # Aligned the same way when any sampled request asked for logprobs, else None.
     logprobs: list[TokenLogprob | None] | None = None
+    # Indexes into the sampled rows whose logits were NaN or inf (a broken model):
+    # the engine fails those requests; their token ids are meaningless.
+    non_finite_rows: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
