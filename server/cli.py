@@ -85,6 +85,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("kv-cache-memory-fraction", float, 0.9, "CUDA: share of GPU memory for weights, KV cache and work", "engine"),
     Flag("kv-block-size", int, 16, "tokens per KV cache block", "engine"),
     Flag("prefix-caching", parse_bool, True, "reuse the KV cache of shared prompt prefixes", "engine"),
+    Flag("quantization", str, "none", "weight quantisation through torchao; auto: the highest precision whose weights and KV cache fit the GPU", "engine", ("none", "fp8", "int8", "int4", "auto")),
+    Flag("tensor-parallel-size", int, 1, "GPUs to shard the model over, one process each (1, 2, 4 or 8)", "engine"),
     Flag("compile", parse_bool, True, "torch.compile the model on CUDA (warm-up takes longer)", "engine"),
     Flag("compile-cache-dir", str, None, "compiled-kernel cache, reused across restarts (a volume)", "engine"),
     Flag("shutdown-grace-seconds", float, 30.0, "drain time after SIGTERM", "serve"),

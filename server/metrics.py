@@ -36,6 +36,9 @@ from prometheus_client import (
 logger = logging.getLogger(__name__)
 
 WINDOW_S = 60.0
+# autoglm_requests_total codes exported at 0 from the start: OK and the
+# server-side failures (HTTP 500/503/504 are counted under these).
+ZERO_CODES = ("OK", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED")
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -114,6 +117,11 @@ class Metrics:
             "autoglm_requests_total", "Finished requests by gRPC status code.",
             (*labels, "code"), registry=r,
         )  # fmt: skip
+        # Outcomes an error rate divides start at 0, so the first scrape gives
+        # increase() its baseline: a series born at N (a broken canary's first
+        # failures) would hide those N from the canary analysis.
+        for code in ZERO_CODES:
+            self._requests.labels(model=model, version=version, code=code)
         self._ttft = Histogram(
             "autoglm_time_to_first_token_seconds", "Time to first token.",
             labels, registry=r, buckets=_LATENCY_BUCKETS,
@@ -159,6 +167,13 @@ class Metrics:
             labels, registry=r,
         ).labels(**lv)  # fmt: skip
 
+        self._model_config = Gauge(
+            "autoglm_model_config_info",
+            "Always 1; the labels say how the model is served: quantization (none, fp8, int8, "
+            "int4, checkpoint:<format>) and tensor_parallel_size.",
+            (*labels, "quantization", "tensor_parallel_size"), registry=r,
+        )  # fmt: skip
+        self._lv = lv
         self._arrivals = _SlidingWindow(WINDOW_S, clock)
         self._ttfts = _SlidingWindow(WINDOW_S, clock)
         self._rps.set_function(lambda: len(self._arrivals.values()) / WINDOW_S)
@@ -177,6 +192,13 @@ class Metrics:
     def track_engine(self, source: Callable[[], EngineStats]) -> None:
         """Queue depth, running requests and KV usage are read from ``source`` at scrape time."""
         self._stats_source = source
+
+    def set_model_config(self, quantization: str, tensor_parallel_size: int) -> None:
+        """What ``--quantization`` (``auto``'s choice included) and TP came to, once loaded."""
+        self._model_config.clear()
+        self._model_config.labels(
+            **self._lv, quantization=quantization, tensor_parallel_size=str(tensor_parallel_size)
+        ).set(1)
 
     def on_arrival(self, prompt_tokens: int) -> None:
         """A request was admitted to the queue."""

@@ -162,6 +162,8 @@ class ModelInfo:
     device: str  # "cpu" | "cuda" | "cuda:0"
     vocab_size: int
     architecture: str  # e.g. "Glm4ForCausalLM"
+    quantization: str = "none"  # none | fp8 | int8 | int4 | checkpoint:<format>
+    tensor_parallel_size: int = 1  # GPUs (processes) the model is sharded over
 
 
 class AsyncEngine(Protocol):

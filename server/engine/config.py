@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("none", "fp8", "int8", "int4", "auto")  # the same tuple as quant.QUANTIZATIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | portable | triton
     compile: bool = True  # torch.compile of the decoder (CUDA only; ignored on CPU)
     compile_cache_dir: str | None = None  # where compiled kernels persist across restarts
+    # Bigger models (quant.py, parallel.py).
+    quantization: str = "none"  # none | fp8 | int8 | int4 | auto (torchao; see quant.py)
+    tensor_parallel_size: int = 1  # processes (GPUs) the model is sharded over
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.kv_cache_memory_fraction <= 1.0:
@@ -85,6 +89,14 @@ class EngineConfig:
             )
         if not self.model:
             raise ValueError("model: must not be empty")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
+        if self.tensor_parallel_size not in (1, 2, 4, 8):
+            raise ValueError(
+                f"tensor_parallel_size: must be 1, 2, 4 or 8, got {self.tensor_parallel_size}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         base_device = self.device.split(":", 1)[0]

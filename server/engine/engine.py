@@ -76,6 +76,11 @@ class EngineStepError(AutoGLMError):
     """A forward pass failed; only the requests in that batch fail (gRPC INTERNAL)."""
 
 
+class EngineFatalError(AutoGLMError):
+    """A step failed in a way that leaves the engine unusable (a tensor-parallel rank
+    died or a collective failed): the engine dies and the process exits non-zero."""
+
+
 # What a request whose logits were NaN or inf is told (gRPC INTERNAL; HTTP 500).
 NON_FINITE_MESSAGE = (
     "the model produced non-finite logits (NaN or inf); this model revision is broken"
@@ -184,6 +189,7 @@ class LLMEngine:
         self._detok_queue: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
         self._detok_thread: threading.Thread | None = None
         self._preemptions_seen = 0
+        self._tp: Any = None  # parallel.TensorParallelGroup when tensor_parallel_size > 1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = False
         self._accepting = False
@@ -201,9 +207,21 @@ class LLMEngine:
         # Daemon threads, not the default executor: a start-up abandoned on
         # SIGTERM (this task cancelled) must not hold the process until the
         # load finishes (see autoglm_server.threads).
-        loaded = await run_in_daemon_thread(self._loader, self.config)
-        self._runner = await run_in_daemon_thread(self._build_runner, loaded)
-        await run_in_daemon_thread(self._runner.warmup)
+        try:
+            if self.config.tensor_parallel_size > 1:
+                from .parallel import TensorParallelGroup
+
+                self._tp = TensorParallelGroup(self.config, on_failure=self._die)
+                self._tp.spawn()  # here: the children outlive only the thread that forks them
+                await run_in_daemon_thread(self._tp.connect)
+            loaded = await run_in_daemon_thread(self._loader, self.config)
+            runner = await run_in_daemon_thread(self._build_runner, loaded)
+            self._runner = self._tp.wrap(runner) if self._tp is not None else runner
+            await run_in_daemon_thread(self._runner.warmup)
+        except BaseException:
+            if self._tp is not None:
+                self._tp.stop(timeout_s=0.0)
+            raise
         self._loaded = loaded
         self._decoder = TokenDecoder(loaded.tokenizer)
         blocks = BlockManager(
@@ -220,7 +238,10 @@ class LLMEngine:
             device=str(loaded.device),
             vocab_size=loaded.vocab_size,
             architecture=loaded.architecture,
+            quantization=loaded.quantization,
+            tensor_parallel_size=loaded.tensor_parallel_size,
         )
+        self.metrics.set_model_config(loaded.quantization, loaded.tensor_parallel_size)
         self._detok_thread = threading.Thread(
             target=self._detok_loop, name="autoglm-detokenizer", daemon=True
         )
@@ -275,6 +296,8 @@ class LLMEngine:
             self._detok_queue.put(None)
             await asyncio.to_thread(self._detok_thread.join)
             self._detok_thread = None
+        if self._tp is not None:
+            await asyncio.to_thread(self._tp.stop)
         self.metrics.close()
 
     def is_ready(self) -> bool:
@@ -438,6 +461,8 @@ class LLMEngine:
         assert scheduler is not None
         try:
             result = self._runner.execute(sched)
+        except EngineFatalError:
+            raise
         except Exception as exc:
             logger.exception(
                 "engine step %d failed; failing its %d requests", sched.step_id, len(sched.seqs)

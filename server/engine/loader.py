@@ -57,6 +57,8 @@ class LoadedModel:
     architecture: str  # e.g. "Glm4ForCausalLM"
     vocab_size: int  # rows of the output layer (may exceed len(tokenizer))
     eos_token_ids: frozenset[int]
+    quantization: str = "none"  # none | fp8 | int8 | int4 | checkpoint:<format> (quant.py)
+    tensor_parallel_size: int = 1  # ranks the model is sharded over (parallel.py)
 
 
 def hf_offline() -> bool:
@@ -222,13 +224,33 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device, hf_config)
     max_model_len = resolve_max_model_len(hf_config, cfg.max_model_len)
+    from .quant import plan_quantization, quantize_model
+
+    tp = cfg.tensor_parallel_size
+    if tp > 1:
+        from .parallel import check_shardable, rank_device
+
+        check_shardable(hf_config, tp)
+        device = rank_device(device)
+    quant = plan_quantization(
+        cfg.quantization,
+        hf_config,
+        device=device,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        memory_fraction=cfg.kv_cache_memory_fraction,
+        tensor_parallel_size=tp,
+    )
+    # Sharded or quantised: load on the CPU and move the result, so the whole
+    # bf16 model never has to fit the device.
+    staged = tp > 1 or quant.method != "none"
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
         model: Any = auto_model.from_pretrained(
             model_dir,
             config=hf_config,
             dtype=dtype,
-            device_map=str(device) if device.type == "cuda" else None,
+            device_map=str(device) if device.type == "cuda" and not staged else None,
             trust_remote_code=trust,
             use_safetensors=None if trust else True,
             attn_implementation="sdpa",
@@ -239,18 +261,26 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         raise ModelLoadError(
             f"model: cannot load {model_dir}: {type(exc).__name__}: {exc}"
         ) from exc
+    if tp > 1:
+        from .parallel import shard_model
+
+        shard_model(model, tp)
+    quantize_model(model, quant.method, device)
     model.to(device)
     model.eval()
     architecture = type(model).__name__
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
     eos = _eos_ids(hf_config, getattr(model, "generation_config", None), tokenizer)
     logger.info(
-        "loaded %s from %s: %s on %s, max_model_len %d",
+        "loaded %s from %s: %s on %s, max_model_len %d, quantization %s (%s), tensor parallel %d",
         architecture,
         model_dir,
         str(dtype).removeprefix("torch."),
         device,
         max_model_len,
+        quant.reported,
+        quant.reason,
+        tp,
     )
     return LoadedModel(
         model=model,
@@ -262,4 +292,6 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         architecture=architecture,
         vocab_size=vocab_size,
         eos_token_ids=eos,
+        quantization=quant.reported,
+        tensor_parallel_size=tp,
     )

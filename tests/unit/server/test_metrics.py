@@ -29,6 +29,7 @@ EXPECTED = {
     "autoglm_kv_cache_usage_ratio": "gauge",
     "autoglm_prefix_cache_hit_ratio": "gauge",
     "autoglm_preemptions_total": "counter",
+    "autoglm_model_config_info": "gauge",
 }
 
 
@@ -47,13 +48,18 @@ def test_names_types_and_labels_match_the_contract() -> None:
     m.on_first_token(0.1)
     m.on_tokens(3)
     m.on_finish("OK", e2e_s=1.0, ttft_s=0.1, output_tokens=3)
+    m.set_model_config("fp8", 2)
     fams = families(m)
     assert {n: t for n, (t, _) in fams.items()} == EXPECTED
     for name, (_, samples) in fams.items():
         for labels in samples:
             extra = set(labels) - {"model", "version", "le"}
             assert labels["model"] == "glm-4-9b" and labels["version"] == "abc123"
-            assert extra == ({"code"} if name == "autoglm_requests_total" else set()), name
+            expected = {
+                "autoglm_requests_total": {"code"},
+                "autoglm_model_config_info": {"quantization", "tensor_parallel_size"},
+            }
+            assert extra == expected.get(name, set()), name
 
 
 def test_counters_histograms_and_engine_gauges() -> None:
