@@ -84,8 +84,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 def build_model(shape: str, out: Path, device: str) -> Path:
     """Random bf16 weights built on the GPU, saved with a full-vocabulary tokenizer."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, Glm4Config, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, Glm4Config, LlamaConfig
 
     spec = dict(SHAPES[shape])
     arch = spec.pop("arch")
@@ -102,15 +101,22 @@ def build_model(shape: str, out: Path, device: str) -> Path:
     if device == "cuda":
         torch.cuda.empty_cache()
 
+    make_tokenizer(spec["vocab_size"]).save_pretrained(out)
+    return out
+
+
+def make_tokenizer(vocab_size: int) -> Any:
+    """A word-level tokenizer covering the whole vocabulary ("w<id>" per token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    vocab.update({f"w{i}": i for i in range(3, spec["vocab_size"])})
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
-    tok.save_pretrained(out)
-    return out
 
 
 def _engine_config(model: Path, device: str, max_len: int, slots: int, cache: str) -> Any:

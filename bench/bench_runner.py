@@ -77,7 +77,8 @@ def prefill(
 
     from autoglm_server.engine.scheduler import ScheduledSeq
 
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     firsts: list[int] = []
     i = 0
@@ -89,7 +90,8 @@ def prefill(
             used += len(prompts[i])
             i += 1
         firsts += driver.step(seqs)
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, firsts
 
 

@@ -268,6 +268,7 @@ class LLMEngine:
             attention_backend=cfg.attention_backend,
             compile=cfg.compile,
             compile_cache_dir=cfg.compile_cache_dir,
+            compile_scope=cfg.compile_scope,
         )
 
     async def shutdown(self, grace_s: float = 30.0) -> None:
