@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
@@ -50,6 +50,12 @@ _FINISH_NAMES = {
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_ABORT: "abort",
     pb.FINISH_REASON_ERROR: "error",
+    pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
+}
+_TOOL_MODES = {
+    "auto": pb.TOOL_CHOICE_MODE_AUTO,
+    "none": pb.TOOL_CHOICE_MODE_NONE,
+    "required": pb.TOOL_CHOICE_MODE_REQUIRED,
 }
 
 
@@ -63,15 +69,48 @@ class Logprob:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the model made; ``arguments`` is a JSON object as text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A streamed piece of call ``index``: id and name on its first piece, then arguments."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | "tool_calls" | "abort" | "error"
+    logprobs: list[Logprob] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
 class GenerateResult:
+    """Choice 0 at the top level; ``choices`` has all n (usage counts all of them)."""
+
     request_id: str
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    finish_reason: str | None  # "stop" | "length" | "tool_calls" | "abort" | "error"
     prompt_tokens: int
     completion_tokens: int
     model: str
     logprobs: list[Logprob] | None = None  # when the request asked for logprobs
+    tool_calls: list[ToolCall] = field(default_factory=list)  # choice 0's calls (text is "")
+    choices: list[Choice] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +118,12 @@ class StreamChunk:
     request_id: str
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # set on the last chunk only
-    prompt_tokens: int | None  # set on the last chunk only
+    finish_reason: str | None  # set on each choice's last chunk only
+    prompt_tokens: int | None  # set on the stream's last chunk only
     completion_tokens: int | None
     logprobs: list[Logprob] | None = None  # when the request asked for logprobs
+    index: int = 0  # the choice (n > 1)
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +137,62 @@ class ModelDescription:
     architecture: str
 
 
+Message = tuple[str, str] | Mapping[str, Any]
+
+
+def _message_pb(message: Message) -> pb.ChatMessage:
+    """``(role, content)``, or a mapping with role, content and tool fields (OpenAI's
+    names: ``tool_calls`` as ``{"id", "name", "arguments"}`` or OpenAI's nested
+    ``function``, ``tool_call_id``, ``name``)."""
+    if isinstance(message, tuple):
+        role, content = message
+        return pb.ChatMessage(role=role, content=content)
+    out = pb.ChatMessage(role=message["role"], content=message.get("content") or "")
+    if message.get("name"):
+        out.name = message["name"]
+    if message.get("tool_call_id"):
+        out.tool_call_id = message["tool_call_id"]
+    for call in message.get("tool_calls") or ():
+        fn = call.get("function", call)
+        arguments = fn.get("arguments", "{}")
+        out.tool_calls.add(
+            id=call.get("id", ""),
+            name=fn["name"],
+            arguments=arguments if isinstance(arguments, str) else json.dumps(arguments),
+        )
+    return out
+
+
+def _tool_pb(tool: Mapping[str, Any]) -> pb.Tool:
+    """OpenAI's ``{"type": "function", "function": {...}}`` or the flat ``{"name", ...}``."""
+    fn = tool.get("function", tool)
+    parameters = fn.get("parameters")
+    return pb.Tool(
+        name=fn["name"],
+        description=fn.get("description") or "",
+        parameters=""
+        if parameters is None
+        else parameters
+        if isinstance(parameters, str)
+        else json.dumps(parameters),
+    )
+
+
+def _tool_choice_pb(choice: str | Mapping[str, Any]) -> pb.ToolChoice:
+    """``"auto"``, ``"none"``, ``"required"``, or a function: ``{"function": "name"}`` or
+    OpenAI's ``{"type": "function", "function": {"name": ...}}``."""
+    if isinstance(choice, str):
+        if choice not in _TOOL_MODES:
+            raise ValueError(f"tool_choice: one of {sorted(_TOOL_MODES)} or a function")
+        return pb.ToolChoice(mode=_TOOL_MODES[choice])
+    fn = choice["function"]
+    return pb.ToolChoice(function=fn if isinstance(fn, str) else fn["name"])
+
+
 def build_generate_request(
     prompt: str | None = None,
     *,
-    messages: Sequence[tuple[str, str]] | None = None,
+    messages: Sequence[Message] | None = None,
     max_new_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
@@ -115,8 +208,16 @@ def build_generate_request(
     logit_bias: Mapping[int, float] | None = None,
     logprobs: int | None = None,
     json_schema: Mapping[str, Any] | str | None = None,
+    n: int | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    tool_choice: str | Mapping[str, Any] | None = None,
+    parallel_tool_calls: bool | None = None,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest; unset knobs stay unset so the server's defaults apply."""
+    """A GenerateRequest; unset knobs stay unset so the server's defaults apply.
+
+    ``json_schema={}`` asks for any JSON object (OpenAI's ``json_object``);
+    ``tools`` need ``messages``.
+    """
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt or messages")
     req = pb.GenerateRequest(
@@ -126,7 +227,7 @@ def build_generate_request(
         req.prompt = prompt
     else:
         assert messages is not None
-        req.chat.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in messages)
+        req.chat.messages.extend(_message_pb(m) for m in messages)
     optional: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
@@ -140,12 +241,17 @@ def build_generate_request(
         "json_schema": json_schema
         if json_schema is None or isinstance(json_schema, str)
         else json.dumps(json_schema),
+        "n": n,
+        "parallel_tool_calls": parallel_tool_calls,
     }
     for name, value in optional.items():
         if value is not None:
             setattr(req, name, value)
     for token, bias in (logit_bias or {}).items():
         req.logit_bias[int(token)] = float(bias)
+    req.tools.extend(_tool_pb(t) for t in tools or ())
+    if tool_choice is not None:
+        req.tool_choice.CopyFrom(_tool_choice_pb(tool_choice))
     return req
 
 
@@ -155,6 +261,10 @@ def _logprobs(entries: Any) -> list[Logprob] | None:
     return [
         Logprob(e.token_id, e.logprob, [(t.token_id, t.logprob) for t in e.top]) for e in entries
     ]
+
+
+def _calls(entries: Any) -> list[ToolCall]:
+    return [ToolCall(c.id, c.name, c.arguments) for c in entries]
 
 
 def _result(resp: pb.GenerateResponse) -> GenerateResult:
@@ -167,6 +277,18 @@ def _result(resp: pb.GenerateResponse) -> GenerateResult:
         completion_tokens=resp.usage.completion_tokens,
         model=resp.model,
         logprobs=_logprobs(resp.logprobs),
+        tool_calls=_calls(resp.tool_calls),
+        choices=[
+            Choice(
+                index=c.index,
+                text=c.text,
+                token_ids=list(c.token_ids),
+                finish_reason=_FINISH_NAMES.get(c.finish_reason),
+                logprobs=_logprobs(c.logprobs),
+                tool_calls=_calls(c.tool_calls),
+            )
+            for c in resp.choices
+        ],
     )
 
 
@@ -180,6 +302,8 @@ def _chunk(resp: pb.GenerateStreamResponse) -> StreamChunk:
         prompt_tokens=resp.usage.prompt_tokens if last else None,
         completion_tokens=resp.usage.completion_tokens if last else None,
         logprobs=_logprobs(resp.logprobs),
+        index=resp.index,
+        tool_calls=[ToolCallDelta(d.index, d.id, d.name, d.arguments) for d in resp.tool_calls],
     )
 
 
@@ -370,6 +494,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frequency-penalty", type=float)
     p.add_argument("--logprobs", type=int, help="logprobs of each token and this many alternatives")
     p.add_argument("--json-schema", help="file with a JSON schema the output must validate against")
+    p.add_argument("-n", type=int, dest="n", help="choices to generate (1..16)")
+    p.add_argument("--tools", help="file with a JSON list of tools (OpenAI's shape); needs --chat")
+    p.add_argument("--tool-choice", help="auto, none, required, or function:NAME (with --tools)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,7 +544,26 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "frequency_penalty": getattr(args, "frequency_penalty", None),
         "logprobs": getattr(args, "logprobs", None),
         "json_schema": _read_schema(getattr(args, "json_schema", None)),
+        "n": getattr(args, "n", None),
+        "tools": _read_tools(getattr(args, "tools", None)),
+        "tool_choice": _cli_tool_choice(getattr(args, "tool_choice", None)),
     }
+
+
+def _read_tools(path: str | None) -> list[dict[str, Any]] | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        tools = json.load(f)
+    if not isinstance(tools, list):
+        raise ValueError(f"--tools: {path} must hold a JSON list")
+    return tools
+
+
+def _cli_tool_choice(value: str | None) -> str | dict[str, str] | None:
+    if value is not None and value.startswith("function:"):
+        return {"function": value.removeprefix("function:")}
+    return value
 
 
 def _read_schema(path: str | None) -> str | None:
@@ -452,7 +598,7 @@ def _run_generate(client: AutoGLMClient, args: argparse.Namespace) -> int:
                 )
         return 0
     result = client.generate(prompt, **kwargs)
-    print(json.dumps(asdict(result)) if args.json else result.text)
+    print(json.dumps(asdict(result)) if args.json or result.tool_calls else result.text)
     return 0
 
 

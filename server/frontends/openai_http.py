@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import re
@@ -40,12 +39,10 @@ from starlette.types import Receive, Scope, Send
 
 from autoglm_server import __version__
 from autoglm_server.engine.api import (
-    SEED_MAX,
     AsyncEngine,
     FinishReason,
     GenerationDelta,
     GenerationRequest,
-    SamplingParams,
     TokenLogprob,
 )
 from autoglm_server.engine.grammar import GrammarSpec
@@ -60,6 +57,7 @@ from autoglm_server.frontend import GenerationStream, ServerState, new_request_i
 from autoglm_server.frontends import openai_protocol as proto
 from autoglm_server.frontends.body import parse_json_body
 from autoglm_server.frontends.chat import template_messages
+from autoglm_server.frontends.choices import generation_requests, merge
 from autoglm_server.frontends.tool_stream import ChatStream, ToolPlan, plan_tools
 from autoglm_server.frontends.tools import ToolSpec
 from autoglm_server.validation import (
@@ -253,35 +251,8 @@ class _OpenStreams:
 
     async def merged(self) -> AsyncIterator[tuple[int, GenerationDelta]]:
         """(choice index, delta) as they come, from every stream."""
-        if len(self.streams) == 1:
-            async for delta in self._deltas(0):
-                yield 0, delta
-            return
-        queue: asyncio.Queue[tuple[int, GenerationDelta | BaseException | None]] = asyncio.Queue()
-
-        async def pump(index: int) -> None:
-            try:
-                async for delta in self._deltas(index):
-                    queue.put_nowait((index, delta))
-                queue.put_nowait((index, None))
-            except Exception as exc:
-                queue.put_nowait((index, exc))
-
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.streams))]
-        try:
-            live = len(tasks)
-            while live:
-                index, item = await queue.get()
-                if item is None:
-                    live -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield index, item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        async for item in merge([self._deltas(i) for i in range(len(self.streams))]):
+            yield item
 
     async def close(self) -> None:
         """Abort what is unfinished, counted under ``error``'s status (CANCELLED if none)."""
@@ -510,26 +481,6 @@ def _max_new_tokens(
     return value
 
 
-def _gens(
-    prompt_ids: list[int], params: SamplingParams, n: int, priority: int
-) -> list[GenerationRequest]:
-    """n engine requests; a seeded request gives choice i the seed ``seed + i``."""
-    out = []
-    for i in range(n):
-        p = params
-        if i and params.seed is not None:
-            p = dataclasses.replace(params, seed=(params.seed + i) % SEED_MAX)
-        out.append(
-            GenerationRequest(
-                request_id=new_request_id(),
-                prompt_token_ids=prompt_ids,
-                params=p,
-                priority=priority,
-            )
-        )
-    return out
-
-
 def _check_stream_options(body: proto.CompletionRequest | proto.ChatCompletionRequest) -> None:
     if body.stream_options is not None and not body.stream:
         raise InvalidRequestError("stream_options", "is only allowed with stream: true")
@@ -689,7 +640,7 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
             proto.COMPLETION_NAMES,
             info.vocab_size,
         )
-        gens = _gens(prompt_ids, params, body.n, body.priority)
+        gens = generation_requests(prompt_ids, params, body.n, body.priority)
         created = int(time.time())
         cid = f"cmpl-{new_request_id()}"
         text_of = _TokenText(engine) if params.logprobs is not None else None
@@ -796,7 +747,7 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
             {**proto.CHAT_NAMES, "max_new_tokens": limit_field},
             info.vocab_size,
         )
-        gens = _gens(prompt_ids, params, body.n, body.priority)
+        gens = generation_requests(prompt_ids, params, body.n, body.priority)
         created = int(time.time())
         cid = f"chatcmpl-{new_request_id()}"
         text_of = _TokenText(engine) if params.logprobs is not None else None

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61utoglm/v1/autoglm.proto\x12\nautoglm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.autoglm.v1.ChatMessage\"\xb2\x05\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.autoglm.v1.ChatMessagesH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x11\n\x04seed\x18\t \x01(\x03H\x06\x88\x01\x01\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x1d\n\x10presence_penalty\x18\r \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0e \x01(\x01H\x08\x88\x01\x01\x12>\n\nlogit_bias\x18\x0f \x03(\x0b\x32*.autoglm.v1.GenerateRequest.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\t\x88\x01\x01\x12\x18\n\x0bjson_schema\x18\x11 \x01(\tH\n\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05inputB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x0e\n\x0c_json_schema\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.autoglm.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xec\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.autoglm.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.autoglm.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.autoglm.v1.TokenLogprob\"\xcc\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.autoglm.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.autoglm.v1.Usage\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.autoglm.v1.TokenLogprob\"T\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.autoglm.v1.ChatMessagesH\x00\x42\x07\n\x05input\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x12\n\x10ModelInfoRequest\"\x92\x01\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x07 \x01(\t*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xbe\x02\n\x07\x41utoGLM\x12G\n\x08Generate\x12\x1b.autoglm.v1.GenerateRequest\x1a\x1c.autoglm.v1.GenerateResponse\"\x00\x12U\n\x0eGenerateStream\x12\x1b.autoglm.v1.GenerateRequest\x1a\".autoglm.v1.GenerateStreamResponse\"\x00\x30\x01\x12G\n\x08Tokenize\x12\x1b.autoglm.v1.TokenizeRequest\x1a\x1c.autoglm.v1.TokenizeResponse\"\x00\x12J\n\tModelInfo\x12\x1c.autoglm.v1.ModelInfoRequest\x1a\x1d.autoglm.v1.ModelInfoResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61utoglm/v1/autoglm.proto\x12\nautoglm.v1\"z\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x03 \x01(\t\x12(\n\ntool_calls\x18\x04 \x03(\x0b\x32\x14.autoglm.v1.ToolCall\x12\x0c\n\x04name\x18\x05 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"V\n\nToolChoice\x12*\n\x04mode\x18\x01 \x01(\x0e\x32\x1a.autoglm.v1.ToolChoiceModeH\x00\x12\x12\n\x08\x66unction\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"K\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\targuments\x18\x04 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.autoglm.v1.ChatMessage\"\xd0\x06\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.autoglm.v1.ChatMessagesH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x11\n\x04seed\x18\t \x01(\x03H\x06\x88\x01\x01\x12\x10\n\x08priority\x18\n \x01(\x05\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x1d\n\x10presence_penalty\x18\r \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0e \x01(\x01H\x08\x88\x01\x01\x12>\n\nlogit_bias\x18\x0f \x03(\x0b\x32*.autoglm.v1.GenerateRequest.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\t\x88\x01\x01\x12\x18\n\x0bjson_schema\x18\x11 \x01(\tH\n\x88\x01\x01\x12\x0e\n\x01n\x18\x12 \x01(\x05H\x0b\x88\x01\x01\x12\x1f\n\x05tools\x18\x13 \x03(\x0b\x32\x10.autoglm.v1.Tool\x12+\n\x0btool_choice\x18\x14 \x01(\x0b\x32\x16.autoglm.v1.ToolChoice\x12 \n\x13parallel_tool_calls\x18\x15 \x01(\x08H\x0c\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05inputB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x0e\n\x0c_json_schemaB\x04\n\x02_nB\x16\n\x14_parallel_tool_calls\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.autoglm.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xbb\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.autoglm.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.autoglm.v1.Usage\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.autoglm.v1.TokenLogprob\x12(\n\ntool_calls\x18\t \x03(\x0b\x32\x14.autoglm.v1.ToolCall\x12#\n\x07\x63hoices\x18\n \x03(\x0b\x32\x12.autoglm.v1.Choice\"\xbf\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.autoglm.v1.FinishReason\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.autoglm.v1.TokenLogprob\x12(\n\ntool_calls\x18\x06 \x03(\x0b\x32\x14.autoglm.v1.ToolCall\"\x8a\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.autoglm.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.autoglm.v1.Usage\x12*\n\x08logprobs\x18\x06 \x03(\x0b\x32\x18.autoglm.v1.TokenLogprob\x12\r\n\x05index\x18\x07 \x01(\r\x12-\n\ntool_calls\x18\x08 \x03(\x0b\x32\x19.autoglm.v1.ToolCallDelta\"T\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.autoglm.v1.ChatMessagesH\x00\x42\x07\n\x05input\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x12\n\x10ModelInfoRequest\"\x92\x01\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x07 \x01(\t*\x87\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x05\x32\xbe\x02\n\x07\x41utoGLM\x12G\n\x08Generate\x12\x1b.autoglm.v1.GenerateRequest\x1a\x1c.autoglm.v1.GenerateResponse\"\x00\x12U\n\x0eGenerateStream\x12\x1b.autoglm.v1.GenerateRequest\x1a\".autoglm.v1.GenerateStreamResponse\"\x00\x30\x01\x12G\n\x08Tokenize\x12\x1b.autoglm.v1.TokenizeRequest\x1a\x1c.autoglm.v1.TokenizeResponse\"\x00\x12J\n\tModelInfo\x12\x1c.autoglm.v1.ModelInfoRequest\x1a\x1d.autoglm.v1.ModelInfoResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1812
-  _globals['_FINISHREASON']._serialized_end=1957
+  _globals['_TOOLCHOICEMODE']._serialized_start=2668
+  _globals['_TOOLCHOICEMODE']._serialized_end=2803
+  _globals['_FINISHREASON']._serialized_start=2806
+  _globals['_FINISHREASON']._serialized_end=2981
   _globals['_CHATMESSAGE']._serialized_start=40
-  _globals['_CHATMESSAGE']._serialized_end=84
-  _globals['_CHATMESSAGES']._serialized_start=86
-  _globals['_CHATMESSAGES']._serialized_end=143
-  _globals['_GENERATEREQUEST']._serialized_start=146
-  _globals['_GENERATEREQUEST']._serialized_end=836
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=620
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=668
-  _globals['_TOKENLOGPROB']._serialized_start=838
-  _globals['_TOKENLOGPROB']._serialized_end=924
-  _globals['_TOPLOGPROB']._serialized_start=926
-  _globals['_TOPLOGPROB']._serialized_end=973
-  _globals['_USAGE']._serialized_start=975
-  _globals['_USAGE']._serialized_end=1054
-  _globals['_GENERATERESPONSE']._serialized_start=1057
-  _globals['_GENERATERESPONSE']._serialized_end=1293
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1296
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1500
-  _globals['_TOKENIZEREQUEST']._serialized_start=1502
-  _globals['_TOKENIZEREQUEST']._serialized_end=1586
-  _globals['_TOKENIZERESPONSE']._serialized_start=1588
-  _globals['_TOKENIZERESPONSE']._serialized_end=1640
-  _globals['_MODELINFOREQUEST']._serialized_start=1642
-  _globals['_MODELINFOREQUEST']._serialized_end=1660
-  _globals['_MODELINFORESPONSE']._serialized_start=1663
-  _globals['_MODELINFORESPONSE']._serialized_end=1809
-  _globals['_AUTOGLM']._serialized_start=1960
-  _globals['_AUTOGLM']._serialized_end=2278
+  _globals['_CHATMESSAGE']._serialized_end=162
+  _globals['_TOOL']._serialized_start=164
+  _globals['_TOOL']._serialized_end=225
+  _globals['_TOOLCHOICE']._serialized_start=227
+  _globals['_TOOLCHOICE']._serialized_end=313
+  _globals['_TOOLCALL']._serialized_start=315
+  _globals['_TOOLCALL']._serialized_end=370
+  _globals['_TOOLCALLDELTA']._serialized_start=372
+  _globals['_TOOLCALLDELTA']._serialized_end=447
+  _globals['_CHATMESSAGES']._serialized_start=449
+  _globals['_CHATMESSAGES']._serialized_end=506
+  _globals['_GENERATEREQUEST']._serialized_start=509
+  _globals['_GENERATEREQUEST']._serialized_end=1357
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=1111
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=1159
+  _globals['_TOKENLOGPROB']._serialized_start=1359
+  _globals['_TOKENLOGPROB']._serialized_end=1445
+  _globals['_TOPLOGPROB']._serialized_start=1447
+  _globals['_TOPLOGPROB']._serialized_end=1494
+  _globals['_USAGE']._serialized_start=1496
+  _globals['_USAGE']._serialized_end=1575
+  _globals['_GENERATERESPONSE']._serialized_start=1578
+  _globals['_GENERATERESPONSE']._serialized_end=1893
+  _globals['_CHOICE']._serialized_start=1896
+  _globals['_CHOICE']._serialized_end=2087
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2090
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2356
+  _globals['_TOKENIZEREQUEST']._serialized_start=2358
+  _globals['_TOKENIZEREQUEST']._serialized_end=2442
+  _globals['_TOKENIZERESPONSE']._serialized_start=2444
+  _globals['_TOKENIZERESPONSE']._serialized_end=2496
+  _globals['_MODELINFOREQUEST']._serialized_start=2498
+  _globals['_MODELINFOREQUEST']._serialized_end=2516
+  _globals['_MODELINFORESPONSE']._serialized_start=2519
+  _globals['_MODELINFORESPONSE']._serialized_end=2665
+  _globals['_AUTOGLM']._serialized_start=2984
+  _globals['_AUTOGLM']._serialized_end=3302
 # @@protoc_insertion_point(module_scope)
