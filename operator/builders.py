@@ -14,19 +14,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .canary import VersionPlan, compute_full_scale, compute_revision
 from .owner import (
     ANNOTATION_PREFIX,
     CONTAINER_NAME,
     GPU_PRODUCT_LABEL,
     GPU_RESOURCE,
     REVISION_ANNOTATION,
+    REVISION_LABEL,
     Owner,
     build_labels,
+    build_revision_selector,
     build_selector_labels,
     digests_configmap_name,
     headless_service_name,
+    revision_name,
 )
 from .spec import (
     API_VERSION,
@@ -36,6 +41,7 @@ from .spec import (
     compute_model_version,
     parse_source,
 )
+from .traffic import TRAFFIC_KINDS, build_traffic
 
 Manifest = dict[str, Any]
 
@@ -76,12 +82,18 @@ def build_owner_reference(owner: Owner) -> dict[str, Any]:
 
 
 def build_metadata(
-    owner: Owner, name: str, annotations: dict[str, str] | None = None
+    owner: Owner,
+    name: str,
+    annotations: dict[str, str] | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
+    labels = build_labels(owner)
+    if revision is not None:
+        labels[REVISION_LABEL] = revision
     meta: dict[str, Any] = {
         "name": name,
         "namespace": owner.namespace,
-        "labels": build_labels(owner),
+        "labels": labels,
         "ownerReferences": [build_owner_reference(owner)],
     }
     if annotations:
@@ -159,7 +171,7 @@ def build_env(spec: AutoGLMDeploymentSpec, owner: Owner) -> list[dict[str, str]]
 
 
 def build_volumes(
-    spec: AutoGLMDeploymentSpec, owner: Owner
+    spec: AutoGLMDeploymentSpec, owner: Owner, revision: str | None = None
 ) -> tuple[list[Manifest], list[Manifest]]:
     """(volumes, volumeMounts): /dev/shm, /tmp, the model and the digests."""
     source = parse_source(spec.model.source)
@@ -195,7 +207,10 @@ def build_volumes(
         mounts.append({"name": "model", "mountPath": MODELS_MOUNT, "readOnly": True})
     if spec.model.sha256:
         volumes.append(
-            {"name": "model-digests", "configMap": {"name": digests_configmap_name(owner)}}
+            {
+                "name": "model-digests",
+                "configMap": {"name": digests_configmap_name(owner, revision)},
+            }
         )
         mounts.append({"name": "model-digests", "mountPath": DIGESTS_MOUNT, "readOnly": True})
     return volumes, mounts
@@ -245,9 +260,23 @@ def compute_min_replicas(spec: AutoGLMDeploymentSpec) -> int:
     return spec.autoscaling.min_replicas if spec.autoscaling is not None else spec.replicas
 
 
-def build_deployment(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest:
+_FROM_SPEC = -1
+
+
+def build_deployment(
+    spec: AutoGLMDeploymentSpec,
+    owner: Owner,
+    revision: str | None = None,
+    replicas: int | None = _FROM_SPEC,
+) -> Manifest:
+    """The Deployment of one revision, ``<name>-<revision>``.
+
+    ``revision`` defaults to the spec's own; ``replicas`` to what the spec asks
+    for (None: an HPA owns the count, so the field is left out).
+    """
+    revision = revision or compute_revision(spec)
     server, res = spec.server, spec.resources
-    volumes, mounts = build_volumes(spec, owner)
+    volumes, mounts = build_volumes(spec, owner, revision)
     container: Manifest = {
         "name": CONTAINER_NAME,
         "image": server.image,
@@ -299,8 +328,9 @@ def build_deployment(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest:
         REVISION_ANNOTATION: compute_model_version(spec.model),
         **build_scrape_annotations(spec),
     }
+    pod_labels = {**build_labels(owner), REVISION_LABEL: revision}
     deployment_spec: Manifest = {
-        "selector": {"matchLabels": build_selector_labels(owner)},
+        "selector": {"matchLabels": build_revision_selector(owner, revision)},
         "strategy": {
             "type": "RollingUpdate",
             "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
@@ -309,17 +339,18 @@ def build_deployment(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest:
         # Model loading is slow: give a rollout half an hour before it counts as stuck.
         "progressDeadlineSeconds": 1800,
         "template": {
-            "metadata": {"labels": build_labels(owner), "annotations": template_annotations},
+            "metadata": {"labels": pod_labels, "annotations": template_annotations},
             "spec": pod_spec,
         },
     }
-    replicas = compute_fixed_replicas(spec)
+    if replicas == _FROM_SPEC:
+        replicas = compute_fixed_replicas(spec)
     if replicas is not None:
         deployment_spec = {"replicas": replicas, **deployment_spec}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": build_metadata(owner, owner.name),
+        "metadata": build_metadata(owner, revision_name(owner, revision), revision=revision),
         "spec": deployment_spec,
     }
 
@@ -375,6 +406,20 @@ def build_service(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest:
     }
 
 
+def build_revision_service(spec: AutoGLMDeploymentSpec, owner: Owner, revision: str) -> Manifest:
+    """One revision's ClusterIP Service, ``<name>-<revision>``: the routes' backendRefs."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": build_metadata(owner, revision_name(owner, revision), revision=revision),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": build_revision_selector(owner, revision),
+            "ports": build_service_ports(spec, with_metrics=False),
+        },
+    }
+
+
 def build_headless_service(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest:
     """A headless Service: DNS returns every ready pod, so gRPC clients can use round_robin."""
     return {
@@ -405,19 +450,35 @@ def build_hpa_metric(target: AutoscalingTarget) -> Manifest:
     }
 
 
-def build_hpa(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest | None:
-    """An autoscaling/v2 HPA on the server's Pods metrics, or None without targets."""
+def build_hpa(
+    spec: AutoGLMDeploymentSpec,
+    owner: Owner,
+    revision: str | None = None,
+    bounds: tuple[int, int] | None = None,
+    *,
+    stable: bool = True,
+) -> Manifest | None:
+    """An autoscaling/v2 HPA on the server's Pods metrics for one revision's Deployment,
+    or None without targets. The stable revision's is named ``<name>``, a canary's
+    ``<name>-<revision>``; ``bounds`` (min, max) default to the spec's."""
     auto = spec.autoscaling
     if auto is None or not auto.targets:
         return None
+    revision = revision or compute_revision(spec)
+    low, high = bounds or (auto.min_replicas, auto.max_replicas)
+    name = owner.name if stable else revision_name(owner, revision)
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": build_metadata(owner, owner.name),
+        "metadata": build_metadata(owner, name, revision=None if stable else revision),
         "spec": {
-            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": owner.name},
-            "minReplicas": auto.min_replicas,
-            "maxReplicas": auto.max_replicas,
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": revision_name(owner, revision),
+            },
+            "minReplicas": low,
+            "maxReplicas": high,
             "metrics": [build_hpa_metric(t) for t in auto.targets],
             "behavior": {
                 "scaleDown": {"stabilizationWindowSeconds": auto.scale_down_stabilization_seconds}
@@ -438,49 +499,100 @@ def build_pdb(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest | None:
     }
 
 
-def build_digests_configmap(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest | None:
+def build_digests_configmap(
+    spec: AutoGLMDeploymentSpec, owner: Owner, revision: str | None = None
+) -> Manifest | None:
     """The expected SHA-256 digests as the JSON file the server reads, or None without digests."""
     if not spec.model.sha256:
         return None
+    revision = revision or compute_revision(spec)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": build_metadata(owner, digests_configmap_name(owner)),
+        "metadata": build_metadata(
+            owner, digests_configmap_name(owner, revision), revision=revision
+        ),
         "data": {DIGESTS_FILE: build_digests_json(spec)},
     }
 
 
 # ---- everything ------------------------------------------------------------------
 
-# Every child kind the operator may own, as (apiVersion, kind, name function).
-# Children of these kinds that the spec no longer asks for are deleted.
-OPTIONAL_CHILDREN: tuple[tuple[str, str], ...] = (
-    ("v1", "ConfigMap"),
-    ("autoscaling/v2", "HorizontalPodAutoscaler"),
-    ("policy/v1", "PodDisruptionBudget"),
-)
+# Every child kind the operator owns -> its apiVersion. Children of these kinds
+# that the desired set leaves out are deleted (plan_deletions).
+CHILD_KINDS: dict[str, str] = {
+    "ConfigMap": "v1",
+    "Deployment": "apps/v1",
+    "Service": "v1",
+    "HorizontalPodAutoscaler": "autoscaling/v2",
+    "PodDisruptionBudget": "policy/v1",
+    **TRAFFIC_KINDS,
+}
 
 
-def build_children(spec: AutoGLMDeploymentSpec, owner: Owner) -> list[Manifest]:
-    """All desired children in apply order (the ConfigMap before the pods that mount it)."""
+def build_single_plan(spec: AutoGLMDeploymentSpec) -> list[VersionPlan]:
+    """The spec's own revision alone, at the size the spec asks for (no rollout)."""
+    full = compute_full_scale(spec)
+    return [
+        VersionPlan(
+            compute_revision(spec), spec, "stable", 100, full.fixed, full.hpa, hpa_is_stable=True
+        )
+    ]
+
+
+def build_version_children(owner: Owner, version: VersionPlan) -> list[Manifest]:
+    """One revision's ConfigMap, Deployment, Service and HPA."""
+    spec, rev = version.spec, version.revision
+    hpa = (
+        build_hpa(spec, owner, rev, version.hpa, stable=version.hpa_is_stable)
+        if version.hpa is not None
+        else None
+    )
     children = [
-        build_digests_configmap(spec, owner),
-        build_deployment(spec, owner),
-        build_service(spec, owner),
-        build_headless_service(spec, owner),
-        build_hpa(spec, owner),
-        build_pdb(spec, owner),
+        build_digests_configmap(spec, owner, rev),
+        build_deployment(spec, owner, rev, version.replicas),
+        build_revision_service(spec, owner, rev),
+        hpa,
     ]
     return [c for c in children if c is not None]
 
 
-def plan_deletions(children: list[Manifest], owner: Owner) -> list[tuple[str, str, str]]:
-    """Optional children that ``children`` (``build_children``'s output) leaves out:
-    (apiVersion, kind, name) to delete if present."""
-    wanted = {(c["apiVersion"], c["kind"]) for c in children}
-    names = {
-        "ConfigMap": digests_configmap_name(owner),
-        "HorizontalPodAutoscaler": owner.name,
-        "PodDisruptionBudget": owner.name,
-    }
-    return [(av, kind, names[kind]) for av, kind in OPTIONAL_CHILDREN if (av, kind) not in wanted]
+def build_children(
+    spec: AutoGLMDeploymentSpec, owner: Owner, versions: list[VersionPlan] | None = None
+) -> list[Manifest]:
+    """All desired children in apply order: the routes first (a rollback's weight 0
+    goes out before anything scales), then per revision the ConfigMap before the
+    pods that mount it, then the Services over all revisions and the PDB.
+
+    ``versions`` is the step machine's plan (the stable first); None: the spec's
+    own revision alone."""
+    versions = versions if versions is not None else build_single_plan(spec)
+    stable = versions[0].spec
+    children: list[Manifest] = list(build_traffic(spec, owner, versions))
+    for version in versions:
+        children += build_version_children(owner, version)
+    tail = [
+        build_service(stable, owner),
+        build_headless_service(stable, owner),
+        build_pdb(spec, owner),
+    ]
+    return children + [c for c in tail if c is not None]
+
+
+def plan_deletions(
+    children: list[Manifest],
+    owner: Owner,
+    live: Mapping[str, Iterable[str]],
+    keep: Iterable[tuple[str, str]] = (),
+) -> list[tuple[str, str, str]]:
+    """Owned children that ``children`` (``build_children``'s output) leaves out:
+    (apiVersion, kind, name) to delete. ``live`` maps each kind to the names of the
+    owner's live children of that kind; (kind, name) pairs in ``keep`` stay."""
+    wanted = {(c["kind"], c["metadata"]["name"]) for c in children}
+    kept = set(keep)
+    out: list[tuple[str, str, str]] = []
+    for kind, api_version in CHILD_KINDS.items():
+        for name in sorted(live.get(kind, ())):
+            if (kind, name) not in wanted and (kind, name) not in kept:
+                out.append((api_version, kind, name))
+    return out

@@ -34,7 +34,15 @@ CHILD_INDEXES: dict[str, str] = {
     "ConfigMap": "child_configmaps",
     "HorizontalPodAutoscaler": "child_hpas",
     "PodDisruptionBudget": "child_pdbs",
+    "GRPCRoute": "child_grpcroutes",
+    "HTTPRoute": "child_httproutes",
+    "VirtualService": "child_virtualservices",
+    "DestinationRule": "child_destinationrules",
 }
+# A child index also maps (BY_INSTANCE, namespace, instance label) to the child's
+# name, so a reconcile can list its children of a kind (names that change with
+# the revision) without scanning the index.
+BY_INSTANCE = "by-instance"
 OWNER_INDEX = "owner_index"  # AutoGLMDeployments by (namespace, name)
 POD_INDEX = "pod_index"  # server pods by (namespace, instance label)
 NODE_INDEX = "node_index"  # every node, under the key NODES_KEY
@@ -142,6 +150,11 @@ class ClusterView:
     def child(self, kind: str, namespace: str, name: str) -> Body | None:
         watched = _first(self._indexes.get(CHILD_INDEXES[kind]), (namespace, name))
         return self.writes.resolve(kind, namespace, name, watched)
+
+    def child_names(self, kind: str, namespace: str, instance: str) -> list[str]:
+        """Names of the live children of ``kind`` labelled with the owner's instance."""
+        index = self._indexes.get(CHILD_INDEXES[kind])
+        return sorted({str(n) for n in _all(index, (BY_INSTANCE, namespace, instance))})
 
     def pods(self, namespace: str, instance: str) -> list[Body]:
         return _all(self._indexes.get(POD_INDEX), (namespace, instance))

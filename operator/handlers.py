@@ -32,7 +32,9 @@ from typing import Any
 import kopf
 
 from . import metrics
+from .analysis import AnalysisSpec, IntervalResult, Verdict, evaluate, measure_blocking
 from .cache import (
+    BY_INSTANCE,
     CHILD_INDEXES,
     NODE_INDEX,
     NODES_KEY,
@@ -46,10 +48,11 @@ from .cache import (
     build_trimmed_owner,
     build_trimmed_pod,
 )
+from .canary import ACTION_ANNOTATION, IN_FLIGHT
 from .k8s import FIELD_MANAGER, KubeApi, KubeError
 from .owner import INSTANCE_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from .reconcile import Outcome, reconcile
-from .settings import Settings
+from .settings import PREFIX, Settings
 from .spec import GROUP, KIND, PLURAL, VERSION
 from .ssa import compute_caused_by
 
@@ -63,6 +66,10 @@ CHILD_RESOURCES = (
     ("", "v1", "configmaps", "ConfigMap"),
     ("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
     ("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget"),
+    ("gateway.networking.k8s.io", "v1", "grpcroutes", "GRPCRoute"),
+    ("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute"),
+    ("networking.istio.io", "v1beta1", "virtualservices", "VirtualService"),
+    ("networking.istio.io", "v1beta1", "destinationrules", "DestinationRule"),
 )
 INDEX_NAMES = (OWNER_INDEX, POD_INDEX, NODE_INDEX, *CHILD_INDEXES.values())
 log = logging.getLogger(__name__)
@@ -117,7 +124,7 @@ def run_reconcile(
             if coalesced:
                 with _slots_guard:
                     slot.queued = False  # events from now on need another reconcile
-            outcome = reconcile(api, view, namespace, name, read_clock())
+            outcome = reconcile(api, view, namespace, name, read_clock(), analyzer=analyze)
     except KubeError as exc:
         metrics.RECONCILE_ERRORS.labels(reason="ApiError").inc()
         raise kopf.TemporaryError(
@@ -133,7 +140,8 @@ def run_reconcile(
         metrics.RECONCILE_ERRORS.labels(reason="InvalidSpec").inc()
     if outcome.applied or outcome.deleted or outcome.events:
         log.info(
-            "%s/%s reconciled: applied=%s deleted=%s status_written=%s ready=%s events=%s",
+            "%s/%s reconciled: applied=%s deleted=%s status_written=%s ready=%s events=%s "
+            "rollout=%s",
             namespace,
             name,
             outcome.applied,
@@ -141,11 +149,27 @@ def run_reconcile(
             outcome.status_written,
             outcome.ready,
             outcome.events,
+            outcome.rollout,
         )
     if outcome.api_error is not None:
         metrics.RECONCILE_ERRORS.labels(reason="ApiError").inc()
         raise kopf.TemporaryError(f"API request refused: {outcome.api_error}", delay=15)
     return outcome
+
+
+def analyze(
+    spec: AnalysisSpec, namespace: str, stable_pods: str, canary_pods: str
+) -> IntervalResult:
+    """One analysis interval against the configured Prometheus (a worker thread's own loop)."""
+    url = SETTINGS.prometheus_url
+    if not url:
+        return IntervalResult(
+            Verdict.INCONCLUSIVE,
+            f"no Prometheus to ask: set {PREFIX}PROMETHEUS_URL (the chart's operator.prometheusUrl)",
+            time.time(),
+        )
+    sample = measure_blocking(url, spec, namespace, stable_pods, canary_pods)
+    return evaluate(spec, sample)
 
 
 def compute_priority(configured: str | None, started_ms: int, jitter: int) -> int:
@@ -234,8 +258,12 @@ async def owner_index(namespace: str | None, name: str, body: Any, **_: Any) -> 
     return {(namespace, name): build_trimmed_owner(body)}
 
 
-async def child_index(namespace: str | None, name: str, body: Any, **_: Any) -> Any:
-    return {(namespace, name): build_trimmed_child(body)}
+async def child_index(namespace: str | None, name: str, body: Any, labels: Any, **_: Any) -> Any:
+    out: dict[Any, Any] = {(namespace, name): build_trimmed_child(body)}
+    instance = labels.get(INSTANCE_LABEL)
+    if instance is not None:
+        out[(BY_INSTANCE, namespace, instance)] = name
+    return out
 
 
 for _group, _version, _plural, _kind in CHILD_RESOURCES:
@@ -306,6 +334,28 @@ def on_timer(namespace: str | None, name: str, memo: Any, logger: Any, **kwargs:
     assert namespace is not None
     if claim_slot(namespace, name):
         run_reconcile(memo.api, build_view(memo, kwargs), namespace, name, logger, coalesced=True)
+
+
+def rollout_in_flight(status: Any, annotations: Any, **_: Any) -> bool:
+    """The fast timer runs only while a rollout moves (or an action waits to be handled)."""
+    phase = ((status or {}).get("canary") or {}).get("phase")
+    return phase in IN_FLIGHT or ACTION_ANNOTATION in (annotations or {})
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    id="rollout",
+    interval=SETTINGS.rollout_tick_seconds,
+    when=rollout_in_flight,
+)
+def on_rollout_tick(
+    namespace: str | None, name: str, memo: Any, logger: Any, **kwargs: Any
+) -> None:
+    """Pause durations, analysis intervals and deadlines need time to pass, not events."""
+    assert namespace is not None
+    reconcile_soon(memo, kwargs, namespace, name, logger)
 
 
 # ---- children and pods -------------------------------------------------------------------

@@ -54,6 +54,26 @@ _RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
     ),
     ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets", True),
     (f"{GROUP}/{VERSION}", "AutoGLMDeployment"): (f"/apis/{GROUP}/{VERSION}", PLURAL, True),
+    ("gateway.networking.k8s.io/v1", "GRPCRoute"): (
+        "/apis/gateway.networking.k8s.io/v1",
+        "grpcroutes",
+        True,
+    ),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): (
+        "/apis/gateway.networking.k8s.io/v1",
+        "httproutes",
+        True,
+    ),
+    ("networking.istio.io/v1beta1", "VirtualService"): (
+        "/apis/networking.istio.io/v1beta1",
+        "virtualservices",
+        True,
+    ),
+    ("networking.istio.io/v1beta1", "DestinationRule"): (
+        "/apis/networking.istio.io/v1beta1",
+        "destinationrules",
+        True,
+    ),
 }
 
 
@@ -357,6 +377,19 @@ class KubeApi:
             kind=kind,
             query={"fieldManager": self.field_manager},
             body={"status": patch},
+            content_type="application/merge-patch+json",
+        )
+
+    def remove_annotation(
+        self, api_version: str, kind: str, namespace: str, name: str, key: str
+    ) -> dict[str, Any]:
+        """Drop one annotation (a JSON merge patch under our field manager); the object after it."""
+        return self._request(
+            "PATCH",
+            build_path(api_version, kind, namespace, name),
+            kind=kind,
+            query={"fieldManager": self.field_manager},
+            body={"metadata": {"annotations": {key: None}}},
             content_type="application/merge-patch+json",
         )
 

@@ -13,6 +13,9 @@ COMPONENT = "server"
 MANAGED_BY = "autoglm-operator"
 ANNOTATION_PREFIX = "serving.autoglm.io"
 REVISION_ANNOTATION = f"{ANNOTATION_PREFIX}/model-version"
+# The rollout revision (a hash of model, image and server) on every pod and on
+# the per-revision children; set in the pod template, so a pod keeps it for life.
+REVISION_LABEL = f"{ANNOTATION_PREFIX}/revision"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
@@ -56,5 +59,18 @@ def headless_service_name(owner: Owner) -> str:
     return f"{owner.name}-headless"
 
 
-def digests_configmap_name(owner: Owner) -> str:
-    return f"{owner.name}-model-digests"
+def digests_configmap_name(owner: Owner, revision: str | None = None) -> str:
+    """The digests ConfigMap of a revision (``<name>-model-digests`` before revisions)."""
+    if revision is None:
+        return f"{owner.name}-model-digests"
+    return f"{owner.name}-{revision}-digests"
+
+
+def revision_name(owner: Owner, revision: str) -> str:
+    """The Deployment and Service of one revision: ``<name>-<revision>``."""
+    return f"{owner.name}-{revision}"
+
+
+def build_revision_selector(owner: Owner, revision: str) -> dict[str, str]:
+    """The pods of one revision."""
+    return {**build_selector_labels(owner), REVISION_LABEL: revision}

@@ -41,6 +41,11 @@ class Settings:
     # Client-side rate limit of the operator's own requests: sustained and burst.
     api_qps: float = 100.0
     api_burst: int = 200
+    # Prometheus HTTP API base URL for canary analysis ("" : no analysis source).
+    prometheus_url: str = ""
+    # Timer period while a rollout is in flight (pause steps, analysis intervals,
+    # readiness deadlines); an analysis is measured at its own interval.
+    rollout_tick_seconds: float = 1.0
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
@@ -68,6 +73,15 @@ class Settings:
             )
         if self.workers < 1:
             raise SettingsError(f"{PREFIX}WORKERS must be >= 1, got {self.workers}")
+        if self.prometheus_url and not self.prometheus_url.startswith(("http://", "https://")):
+            raise SettingsError(
+                f"{PREFIX}PROMETHEUS_URL must start with http:// or https://, "
+                f"got {self.prometheus_url!r}"
+            )
+        if self.rollout_tick_seconds <= 0:
+            raise SettingsError(
+                f"{PREFIX}ROLLOUT_TICK_SECONDS must be > 0, got {self.rollout_tick_seconds}"
+            )
         if self.api_burst < 1:
             raise SettingsError(f"{PREFIX}API_BURST must be >= 1, got {self.api_burst}")
 
@@ -82,6 +96,8 @@ _TYPES: dict[str, type] = {
     "workers": int,
     "api_qps": float,
     "api_burst": int,
+    "prometheus_url": str,
+    "rollout_tick_seconds": float,
 }
 
 

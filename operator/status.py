@@ -64,6 +64,9 @@ class Observed:
     nodes: list[dict[str, Any]] | None = None  # None: not readable
     invalid: str | None = None  # why the spec can never work, if it can't
     api_error: str | None = None  # a request the API server refused (not the spec's fault)
+    rollout: str | None = None  # a rollout between revisions is in flight: what it does
+    traffic_missing: str | None = None  # the traffic provider's CRDs are not served
+    canary_problem: Problem | None = None  # the last rollout failed or was rolled back
 
 
 ConditionValue = tuple[Literal["True", "False", "Unknown"], str, str]  # (status, reason, message)
@@ -303,8 +306,29 @@ def compute_problem(
     return None
 
 
+REASON_TRAFFIC_MISSING = "TrafficProviderMissing"
+REASON_CANARY = "CanaryInProgress"
+
+
 def compute_verdict(spec: AutoGLMDeploymentSpec | None, observed: Observed) -> Verdict:
-    """Ready, Progressing and Degraded from the observed state (the table in README.md)."""
+    """Ready, Progressing and Degraded from the observed state (the table in README.md),
+    with the rollout's part on top."""
+    verdict = compute_replicas_verdict(spec, observed)
+    if spec is None or observed.invalid is not None:
+        return verdict
+    ready, progressing, degraded = verdict.ready, verdict.progressing, verdict.degraded
+    if observed.rollout is not None and progressing[0] != "True":
+        progressing = ("True", REASON_CANARY, observed.rollout)
+    if observed.canary_problem is not None and degraded[0] != "True":
+        degraded = ("True", observed.canary_problem.reason, observed.canary_problem.message)
+    if observed.traffic_missing is not None:
+        ready = ("False", REASON_TRAFFIC_MISSING, observed.traffic_missing)
+        degraded = ("True", REASON_TRAFFIC_MISSING, observed.traffic_missing)
+    return Verdict(ready, progressing, degraded)
+
+
+def compute_replicas_verdict(spec: AutoGLMDeploymentSpec | None, observed: Observed) -> Verdict:
+    """Ready, Progressing and Degraded from the stable revision's Deployment and pods."""
     if observed.invalid is not None or spec is None:
         msg = observed.invalid or "the spec is invalid"
         return Verdict(
@@ -453,6 +477,8 @@ _OWN_KEYS = frozenset(
         "selector",
         "modelRevision",
         "endpoints",
+        "canary",
+        "revisions",
     }
 )
 

@@ -28,7 +28,8 @@ from autoglm_operator.builders import (
     compute_config_checksum,
     plan_deletions,
 )
-from autoglm_operator.spec import AutoGLMDeploymentSpec, parse_spec
+from autoglm_operator.canary import VersionPlan, compute_revision
+from autoglm_operator.spec import AutoGLMDeploymentSpec, compute_canary_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[3]
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -262,10 +263,11 @@ def test_hpa_metric_names_match_the_server_metrics() -> None:
         for m in hpa["spec"]["metrics"]
     )
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 120
+    assert hpa["metadata"]["name"] == OWNER.name  # the stable revision's HPA keeps the name
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "name": OWNER.name,
+        "name": f"{OWNER.name}-{compute_revision(spec)}",
     }
     # The HPA owns the Deployment's replicas.
     assert "replicas" not in build_deployment(spec, OWNER)["spec"]
@@ -281,20 +283,47 @@ def test_pdb_only_above_one_replica() -> None:
     )
 
 
-def test_plan_deletions_lists_optional_children_not_wanted() -> None:
-    kinds = {kind for _, kind, _ in plan_deletions(build_children(_spec(), OWNER), OWNER)}
-    assert kinds == {"ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
-    auto = parse_spec(VARIANTS["autoscaling"])
-    assert plan_deletions(build_children(auto, OWNER), OWNER) == [
-        ("v1", "ConfigMap", "glm-model-digests")
+def test_plan_deletions_lists_owned_children_not_wanted() -> None:
+    spec = _spec()
+    rev = compute_revision(spec)
+    live = {
+        "Deployment": [f"glm-{rev}", "glm", "glm-0ld0ld00"],
+        "Service": ["glm", "glm-headless", f"glm-{rev}", "glm-0ld0ld00"],
+        "HorizontalPodAutoscaler": ["glm"],
+        "PodDisruptionBudget": ["glm"],
+        "ConfigMap": ["glm-model-digests"],
+        "HTTPRoute": ["glm"],
+    }
+    deletions = plan_deletions(build_children(spec, OWNER), OWNER, live)
+    assert deletions == [
+        ("v1", "ConfigMap", "glm-model-digests"),
+        ("apps/v1", "Deployment", "glm"),
+        ("apps/v1", "Deployment", "glm-0ld0ld00"),
+        ("v1", "Service", "glm-0ld0ld00"),
+        ("autoscaling/v2", "HorizontalPodAutoscaler", "glm"),
+        ("policy/v1", "PodDisruptionBudget", "glm"),
+        ("gateway.networking.k8s.io/v1", "HTTPRoute", "glm"),
     ]
+    # What the reconcile keeps (a draining canary, the Deployment from before revisions) stays.
+    kept = plan_deletions(
+        build_children(spec, OWNER),
+        OWNER,
+        live,
+        {("Deployment", "glm"), ("Deployment", "glm-0ld0ld00")},
+    )
+    assert ("apps/v1", "Deployment", "glm") not in kept
+    assert ("autoscaling/v2", "HorizontalPodAutoscaler", "glm") in kept  # same name, other kind
 
 
 def test_services_grpc_headless_and_scrape_annotations() -> None:
     children = build("minimal")
     services = [c for c in children if c["kind"] == "Service"]
-    assert [s["metadata"]["name"] for s in services] == ["glm", "glm-headless"]
-    main, headless = services
+    rev = compute_revision(parse_spec(VARIANTS["minimal"]))
+    assert [s["metadata"]["name"] for s in services] == [f"glm-{rev}", "glm", "glm-headless"]
+    per_revision, main, headless = services
+    assert per_revision["spec"]["selector"]["serving.autoglm.io/revision"] == rev
+    assert "serving.autoglm.io/revision" not in main["spec"]["selector"]
+    assert "annotations" not in per_revision["metadata"]  # scraped once, through <name>
     assert main["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert main["metadata"]["annotations"]["prometheus.io/port"] == "8002"
     assert headless["spec"]["clusterIP"] == "None"
@@ -303,3 +332,120 @@ def test_services_grpc_headless_and_scrape_annotations() -> None:
         next(p for p in headless["spec"]["ports"] if p["name"] == "grpc")["appProtocol"]
         == "kubernetes.io/h2c"
     )
+
+
+# ---- per-revision children and the traffic providers ----------------------------------------
+
+
+def _two_versions(provider: dict[str, Any] | None, **extra: Any) -> list[dict[str, Any]]:
+    spec = parse_spec(
+        {
+            "model": {"source": "hf://org/glm@v1"},
+            "replicas": 4,
+            "canary": {"model": {"source": "hf://org/glm@v2"}, "weight": 10},
+            **({"traffic": provider} if provider else {}),
+            **extra,
+        }
+    )
+    canary = compute_canary_spec(spec)
+    versions = [
+        VersionPlan(compute_revision(spec), spec, "stable", 90, 4, None, hpa_is_stable=True),
+        VersionPlan(compute_revision(canary), canary, "canary", 10, 1, None),
+    ]
+    return build_children(spec, OWNER, versions)
+
+
+def test_each_revision_has_its_own_deployment_and_service_with_the_revision_label() -> None:
+    children = _two_versions(None)
+    deployments = [c for c in children if c["kind"] == "Deployment"]
+    assert [d["spec"]["replicas"] for d in deployments] == [4, 1]
+    for dep in deployments:
+        rev = dep["metadata"]["labels"]["serving.autoglm.io/revision"]
+        assert dep["metadata"]["name"] == f"glm-{rev}"
+        assert dep["spec"]["selector"]["matchLabels"]["serving.autoglm.io/revision"] == rev
+        assert dep["spec"]["template"]["metadata"]["labels"]["serving.autoglm.io/revision"] == rev
+    envs = [
+        {e["name"]: e["value"] for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+        for d in deployments
+    ]
+    assert [e["AUTOGLM_MODEL"] for e in envs] == ["hf://org/glm@v1", "hf://org/glm@v2"]
+    # The replicas provider: no routes; <name> selects every revision.
+    kinds = {c["kind"] for c in children}
+    assert not kinds & {"GRPCRoute", "HTTPRoute", "VirtualService", "DestinationRule"}
+
+
+def test_gateway_api_routes_split_by_weight_to_revision_services() -> None:
+    children = _two_versions(
+        {
+            "provider": "gatewayAPI",
+            "gateway": {"name": "gw", "namespace": "infra", "sectionName": "web"},
+            "hostnames": ["glm.example"],
+        }
+    )
+    # The routes go first: a rollback's weight 0 is applied before anything scales down.
+    assert [c["kind"] for c in children[:2]] == ["GRPCRoute", "HTTPRoute"]
+    grpc, http = children[0], children[1]
+    for route, port in ((grpc, 8001), (http, 8000)):
+        assert route["metadata"]["name"] == "glm"
+        assert route["spec"]["parentRefs"] == [
+            {
+                "group": "gateway.networking.k8s.io",
+                "kind": "Gateway",
+                "name": "gw",
+                "namespace": "infra",
+                "sectionName": "web",
+            }
+        ]
+        assert route["spec"]["hostnames"] == ["glm.example"]
+        refs = route["spec"]["rules"][0]["backendRefs"]
+        assert [(r["weight"], r["port"]) for r in refs] == [(90, port), (10, port)]
+        names = {c["metadata"]["name"] for c in children if c["kind"] == "Service"}
+        assert {r["name"] for r in refs} <= names
+
+
+def test_istio_virtual_service_and_destination_rule_subsets() -> None:
+    children = _two_versions({"provider": "istio"})
+    assert [c["kind"] for c in children[:2]] == ["DestinationRule", "VirtualService"]
+    rule, vs = children[0], children[1]
+    host = "glm.models.svc.cluster.local"
+    assert rule["spec"]["host"] == host
+    subsets = rule["spec"]["subsets"]
+    assert [s["labels"] for s in subsets] == [
+        {"serving.autoglm.io/revision": s["name"]} for s in subsets
+    ]
+    assert vs["spec"]["hosts"] == [host]
+    assert "gateways" not in vs["spec"]  # the mesh
+    route = vs["spec"]["http"][0]["route"]
+    assert [(r["destination"]["subset"], r["weight"]) for r in route] == [
+        (subsets[0]["name"], 90),
+        (subsets[1]["name"], 10),
+    ]
+
+
+def test_canary_hpa_is_named_after_its_revision_and_the_stable_keeps_name() -> None:
+    auto = {
+        "minReplicas": 2,
+        "maxReplicas": 8,
+        "targets": [{"type": "queueDepth", "averageValue": "4"}],
+    }
+    spec = parse_spec(
+        {"model": {"source": "/m"}, "autoscaling": auto, "canary": {"image": "img:2", "weight": 10}}
+    )
+    canary = compute_canary_spec(spec)
+    versions = [
+        VersionPlan(compute_revision(spec), spec, "stable", 90, None, (2, 8), hpa_is_stable=True),
+        VersionPlan(compute_revision(canary), canary, "canary", 10, None, (1, 1)),
+    ]
+    hpas = [
+        c for c in build_children(spec, OWNER, versions) if c["kind"] == "HorizontalPodAutoscaler"
+    ]
+    assert [
+        (h["metadata"]["name"], h["spec"]["minReplicas"], h["spec"]["maxReplicas"]) for h in hpas
+    ] == [
+        ("glm", 2, 8),
+        (f"glm-{compute_revision(canary)}", 1, 1),
+    ]
+    assert [h["spec"]["scaleTargetRef"]["name"] for h in hpas] == [
+        f"glm-{compute_revision(spec)}",
+        f"glm-{compute_revision(canary)}",
+    ]

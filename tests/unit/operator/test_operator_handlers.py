@@ -12,6 +12,7 @@ import kopf
 import pytest
 
 from autoglm_operator.cache import (
+    BY_INSTANCE,
     CHILD_INDEXES,
     NODE_INDEX,
     NODES_KEY,
@@ -20,6 +21,7 @@ from autoglm_operator.cache import (
     WriteLog,
     build_trimmed_child,
 )
+from autoglm_operator.canary import compute_revision
 from autoglm_operator.handlers import (
     _controller_owner,
     compute_own_echo,
@@ -32,6 +34,10 @@ from autoglm_operator.handlers import (
 from autoglm_operator.k8s import KubeApi, KubeError, build_path
 from autoglm_operator.reconcile import reconcile
 from autoglm_operator.settings import Settings, SettingsError
+from autoglm_operator.spec import parse_spec
+
+REV = compute_revision(parse_spec({"model": {"source": "/m"}}))
+DEP = f"glm-{REV}"
 
 
 def test_priority_is_configured_or_newest_first() -> None:
@@ -196,7 +202,12 @@ class FakeKube(KubeApi):
             elif obj["kind"] == "Node":
                 out[NODE_INDEX].setdefault(NODES_KEY, []).append(copy.deepcopy(obj))
             else:
-                out[CHILD_INDEXES[obj["kind"]]][key] = [build_trimmed_child(copy.deepcopy(obj))]
+                index = out[CHILD_INDEXES[obj["kind"]]]
+                index[key] = [build_trimmed_child(copy.deepcopy(obj))]
+                instance = (meta.get("labels") or {}).get("app.kubernetes.io/instance")
+                if instance is not None:
+                    by = (BY_INSTANCE, meta.get("namespace"), instance)
+                    index.setdefault(by, []).append(meta["name"])
         return out
 
 
@@ -317,7 +328,12 @@ def test_reconcile_reads_nothing_and_an_unchanged_world_writes_nothing() -> None
     api = FakeKube([agd_body({"model": {"source": "/m"}}), GPU_NODE])
     writes = WriteLog()
     first = reconcile(api, ClusterView(api.snapshot(), writes), "ns", "glm", T0)
-    assert first.applied == ["Deployment/glm", "Service/glm", "Service/glm-headless"]
+    assert first.applied == [
+        f"Deployment/{DEP}",
+        f"Service/{DEP}",
+        "Service/glm",
+        "Service/glm-headless",
+    ]
     assert first.status_written
     before = len(api.requests)
     # The watches caught up: nothing to do, and no request at all (no GET either).
@@ -382,7 +398,7 @@ def test_an_apply_rejected_by_the_api_server_is_invalid_spec() -> None:
 
     api._request = reject  # type: ignore[method-assign]
     outcome = reconcile(api, ClusterView(api.snapshot(), WriteLog()), "ns", "glm", T0)
-    assert outcome.invalid is not None and "rejected Deployment glm" in outcome.invalid
+    assert outcome.invalid is not None and f"rejected Deployment {DEP}" in outcome.invalid
     assert [(e["type"], e["reason"]) for e in api.events()] == [("Warning", "InvalidSpec")]
 
 
@@ -391,18 +407,18 @@ def test_a_conflict_with_another_field_manager_posts_a_warning_and_wins() -> Non
     writes = WriteLog()
     reconcile(api, ClusterView(api.snapshot(), writes), "ns", "glm", T0)
     # Someone edits the Deployment by hand: the field moves to their manager.
-    path = build_path("apps/v1", "Deployment", "ns", "glm")
+    path = build_path("apps/v1", "Deployment", "ns", DEP)
     api.store[path]["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:latest"
     api.store[path]["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"].pop("f:template")
     api.conflict_with = "kubectl-edit"
     api.requests.clear()
     outcome = reconcile(api, ClusterView(api.snapshot(), writes), "ns", "glm", T1)
-    assert outcome.applied == ["Deployment/glm"]
+    assert outcome.applied == [f"Deployment/{DEP}"]
     applies = [q.get("force") for m, p, q, _ in api.requests if m == "PATCH" and p == path]
     assert applies == ["false", "true"]
     (event,) = api.events()
     assert (event["type"], event["reason"]) == ("Warning", "FieldManagerConflict")
-    assert "kubectl-edit" in event["message"] and "Deployment glm" in event["message"]
+    assert "kubectl-edit" in event["message"] and f"Deployment {DEP}" in event["message"]
     assert api.store[path]["spec"]["template"]["spec"]["containers"][0]["image"] != "evil:latest"
 
 
