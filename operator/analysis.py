@@ -363,7 +363,8 @@ class Sample:
     def error_rate(self) -> float | None:
         if not self.canary_requests:
             return None
-        return (self.canary_errors or 0.0) / self.canary_requests
+        # Each increase() extrapolates on its own: keep the ratio within 0..1.
+        return min(1.0, max(0.0, (self.canary_errors or 0.0) / self.canary_requests))
 
     @property
     def ttft_ratio(self) -> float | None:
@@ -625,10 +626,11 @@ class PrometheusClient:
             )
         return self._session
 
-    async def query(self, promql: str) -> float | None:
+    async def query(self, promql: str, at: float | None = None) -> float | None:
         """The value of a query returning one number (a scalar or a one-series
-        vector); None when the vector is empty or the value is NaN."""
-        data = await self._query_raw(promql)
+        vector), evaluated at ``at`` (seconds since the epoch; None: now); None
+        when the vector is empty or the value is NaN."""
+        data = await self._query_raw(promql, at)
         kind = data.get("resultType")
         result = data.get("result")
         if kind == "scalar" and isinstance(result, list):
@@ -643,11 +645,14 @@ class PrometheusClient:
             )
         return _sample_value(result[0].get("value"))
 
-    async def _query_raw(self, promql: str) -> dict[str, Any]:
+    async def _query_raw(self, promql: str, at: float | None) -> dict[str, Any]:
         url = f"{self.url}/api/v1/query"
+        form = {"query": promql}
+        if at is not None:
+            form["time"] = f"{at:.3f}"
         try:
             session = self._get_session()
-            async with session.post(url, data={"query": promql}) as resp:
+            async with session.post(url, data=form) as resp:
                 text = await resp.text()
                 status = resp.status
         except TimeoutError:
@@ -698,13 +703,14 @@ async def measure(
     *,
     now: float | None = None,
 ) -> Sample:
-    """One interval's Sample. A Prometheus failure is a Sample with ``error`` set
-    (evaluated as Inconclusive), never an exception."""
+    """One interval's Sample, every query evaluated at the same instant (so the
+    error rate's two counts cover one window). A Prometheus failure is a Sample
+    with ``error`` set (evaluated as Inconclusive), never an exception."""
     at = time.time() if now is None else now
     queries = build_queries(spec, namespace, stable_pods, canary_pods, spec.window)
     names = list(queries)
     outcomes = await asyncio.gather(
-        *(client.query(queries[n]) for n in names), return_exceptions=True
+        *(client.query(queries[n], at) for n in names), return_exceptions=True
     )
     results: dict[str, float | None] = {}
     for name, outcome in zip(names, outcomes, strict=True):

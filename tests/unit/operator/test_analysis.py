@@ -219,6 +219,12 @@ def test_server_errors_above_five_percent_roll_back() -> None:
     assert evaluate(DEFAULT, good(canary_errors=5.0)).verdict is Verdict.PASS  # not above
 
 
+def test_error_rate_stays_within_one_after_extrapolation() -> None:
+    sample = good(canary_requests=27.78, canary_errors=27.88)
+    assert sample.error_rate == 1.0
+    assert evaluate(DEFAULT, sample).reason.startswith("server error rate 100.0% > 5.0%")
+
+
 def test_no_error_series_counts_as_none_failed() -> None:
     assert evaluate(DEFAULT, good(canary_errors=None)).verdict is Verdict.PASS
 
@@ -390,10 +396,14 @@ def _free_port() -> int:
 async def fake_prometheus() -> AsyncIterator[tuple[str, dict[str, web.Response]]]:
     """An HTTP server on 127.0.0.1 answering /api/v1/query from a table (query -> response)."""
     answers: dict[str, web.Response] = {}
+    times: list[str] = []  # the evaluation times asked for, in order
+    answers_times[id(answers)] = times
 
     async def handle(request: web.Request) -> web.StreamResponse:
         form = await request.post()
         query = str(form.get("query", ""))
+        if "time" in form:
+            times.append(str(form["time"]))
         if query == "slow":
             await asyncio.sleep(5)
         if query in answers:
@@ -409,6 +419,9 @@ async def fake_prometheus() -> AsyncIterator[tuple[str, dict[str, web.Response]]
     await web.TCPSite(runner, "127.0.0.1", port).start()
     yield f"http://127.0.0.1:{port}", answers
     await runner.cleanup()
+
+
+answers_times: dict[int, list[str]] = {}
 
 
 def _vector(*values: str) -> web.Response:
@@ -483,6 +496,8 @@ async def test_measure_maps_each_query(
         answers[q[name]] = _vector(value)
     async with PrometheusClient(url) as client:
         sample = await measure(client, spec, "ns", "s-.*", "c-.*", now=1.0)
+    # One evaluation instant for every query of the interval.
+    assert answers_times[id(answers)] == ["1.000"] * len(q)
     assert sample == Sample(
         at=1.0,
         canary_requests=40.0,
