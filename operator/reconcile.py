@@ -241,11 +241,21 @@ def compute_keep(plan: RolloutPlan, view: ClusterView, owner: Owner) -> set[tupl
     return keep
 
 
-def serving_deployment(view: ClusterView, owner: Owner, plan: RolloutPlan | None) -> Any:
+def serving_deployment(
+    view: ClusterView, owner: Owner, plan: RolloutPlan | None, spec: AutoGLMDeploymentSpec
+) -> Any:
     """The Deployment the conditions describe: the stable revision's (or, while it is
-    not complete yet, the one from before revisions, ``<name>``, which still serves)."""
+    not complete yet, the one from before revisions, ``<name>``, which still serves).
+    A replacement without steps (no spec.canary, or rollbackTo) is the spec's own
+    rollout, as a rolling update was: its new revision's Deployment."""
     if plan is None:
         return None
+    if plan.in_flight and (spec.canary is None or spec.rollback_to is not None):
+        for version in plan.versions:
+            if version.role == "canary":
+                return view.child(
+                    "Deployment", owner.namespace, revision_name(owner, version.revision)
+                )
     stable = view.child("Deployment", owner.namespace, revision_name(owner, plan.stable.revision))
     if compute_rollout_complete(stable):
         return stable
@@ -317,7 +327,7 @@ def reconcile(
         generation=int(meta.get("generation", 1)), previous=previous, invalid=invalid
     )
     if invalid is None and spec is not None:
-        deployment = serving_deployment(view, owner, plan)
+        deployment = serving_deployment(view, owner, plan, spec)
         complete = compute_rollout_complete(deployment)
         # Pods and nodes only matter for telling why a rollout is not complete.
         observed = Observed(

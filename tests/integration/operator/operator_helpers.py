@@ -22,6 +22,18 @@ EXAMPLES = ROOT / "manifests" / "examples"
 CHILD_KINDS = "deployments,services,configmaps,horizontalpodautoscalers,poddisruptionbudgets"
 
 
+def revision_of(spec: dict[str, Any]) -> str:
+    """The revision the operator names the spec's Deployment after (``<name>-<revision>``)."""
+    from autoglm_operator.canary import compute_revision
+    from autoglm_operator.spec import parse_spec
+
+    return compute_revision(parse_spec(spec))
+
+
+def deployment_of(name: str, spec: dict[str, Any]) -> str:
+    return f"{name}-{revision_of(spec)}"
+
+
 @dataclass
 class OperatorProcess:
     proc: subprocess.Popen[bytes]

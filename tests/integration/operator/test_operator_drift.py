@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import pytest
-from operator_helpers import Kube, OperatorProcess, agd, load_example, wait_for
+from operator_helpers import Kube, OperatorProcess, agd, load_example, revision_of, wait_for
 
 pytestmark = pytest.mark.k8s
 
@@ -24,11 +24,13 @@ FULL_SPEC: dict[str, Any] = {
     },
 }
 
+REV = f"-{revision_of(FULL_SPEC)}"  # the per-revision children: <name>-<revision>
+
 # kind, name suffix, a hand edit (merge patch) of a field the operator owns, and how to read it back
 EDITS: list[tuple[str, str, dict[str, Any], Any]] = [
     (
         "deployment",
-        "",
+        REV,
         {
             "spec": {
                 "template": {"spec": {"containers": [{"name": "server", "image": "evil:latest"}]}}
@@ -48,7 +50,13 @@ EDITS: list[tuple[str, str, dict[str, Any], Any]] = [
         {"spec": {"ports": [{"port": 8001, "name": "grpc", "targetPort": 9999}]}},
         lambda o: o["spec"]["ports"],
     ),
-    ("configmap", "-model-digests", {"data": {"sha256.json": "{}"}}, lambda o: o["data"]),
+    ("configmap", f"{REV}-digests", {"data": {"sha256.json": "{}"}}, lambda o: o["data"]),
+    (
+        "service",
+        REV,
+        {"spec": {"selector": {"serving.autoglm.io/revision": "other"}}},
+        lambda o: o["spec"]["selector"],
+    ),
     ("hpa", "", {"spec": {"maxReplicas": 9}}, lambda o: o["spec"]["maxReplicas"]),
     ("pdb", "", {"spec": {"maxUnavailable": 2}}, lambda o: o["spec"]["maxUnavailable"]),
 ]
@@ -63,7 +71,7 @@ def repair_deadline(op: OperatorProcess) -> float:
 def full(op: OperatorProcess, kube: Kube) -> str:
     assert kube.apply(agd("full", FULL_SPEC)).returncode == 0
     kube.wait_ready("full", timeout=120)
-    wait_for(lambda: len(kube.children("full")) == 6, timeout=30, message="six children")
+    wait_for(lambda: len(kube.children("full")) == 7, timeout=30, message="seven children")
     return "full"
 
 
@@ -97,10 +105,11 @@ def test_hand_edit_of_a_child_is_reverted(
 @pytest.mark.parametrize(
     ("kind", "suffix"),
     [
-        ("deployment", ""),
+        ("deployment", REV),
         ("service", ""),
+        ("service", REV),
         ("service", "-headless"),
-        ("configmap", "-model-digests"),
+        ("configmap", f"{REV}-digests"),
         ("hpa", ""),
         ("pdb", ""),
     ],
@@ -196,17 +205,17 @@ FALSE_FIELD_EDITS: list[tuple[str, str, Any]] = [
 def test_hand_edit_of_a_false_field_is_reverted(
     op: OperatorProcess, kube: Kube, full: str, patch_type: str, patch: str, read: Any
 ) -> None:
-    assert read(kube.get("deployment", full)) is False
+    assert read(kube.get("deployment", f"{full}{REV}")) is False
     patched = json.loads(
         kube.run(
-            "patch", "deployment", full, f"--type={patch_type}", "-p", patch, "-o", "json"
+            "patch", "deployment", f"{full}{REV}", f"--type={patch_type}", "-p", patch, "-o", "json"
         ).stdout
     )
     assert read(patched) is True, "the hand edit did not take"
     wait_for(
-        lambda: read(kube.get("deployment", full)) is False,
+        lambda: read(kube.get("deployment", f"{full}{REV}")) is False,
         timeout=repair_deadline(op),
         message=lambda: (
-            f"deployment/{full} restored to false, is {read(kube.get('deployment', full))!r}"
+            f"deployment/{full}{REV} restored to false, is {read(kube.get('deployment', full + REV))!r}"
         ),
     )

@@ -11,7 +11,14 @@ import time
 from typing import Any
 
 import pytest
-from operator_helpers import Kube, OperatorProcess, agd, load_example, wait_for
+from operator_helpers import (
+    Kube,
+    OperatorProcess,
+    agd,
+    deployment_of,
+    load_example,
+    wait_for,
+)
 
 pytestmark = pytest.mark.k8s
 
@@ -26,7 +33,13 @@ KIND_OF = {
 
 def expected_children(name: str, example: dict[str, Any]) -> set[tuple[str, str]]:
     spec = example["spec"]
-    kids = {("Deployment", name), ("Service", name), ("Service", f"{name}-headless")}
+    per_revision = deployment_of(name, spec)
+    kids = {
+        ("Deployment", per_revision),
+        ("Service", per_revision),
+        ("Service", name),
+        ("Service", f"{name}-headless"),
+    }
     auto = spec.get("autoscaling")
     if auto and auto.get("targets"):
         kids.add(("HorizontalPodAutoscaler", name))
@@ -34,7 +47,7 @@ def expected_children(name: str, example: dict[str, Any]) -> set[tuple[str, str]
     if min_replicas > 1:
         kids.add(("PodDisruptionBudget", name))
     if spec["model"].get("sha256"):
-        kids.add(("ConfigMap", f"{name}-model-digests"))
+        kids.add(("ConfigMap", f"{per_revision}-digests"))
     return kids
 
 
@@ -115,7 +128,8 @@ def test_spec_edit_rolls_the_deployment_and_updates_status(op: OperatorProcess, 
     assert kube.apply(manifest).returncode == 0
     first = kube.wait_ready("edit-me")
     assert first["status"]["modelRevision"] == "v1"
-    dep = kube.get("deployment", "edit-me")
+    old_name = deployment_of("edit-me", manifest["spec"])
+    dep = kube.get("deployment", old_name)
     old_checksum = dep["spec"]["template"]["metadata"]["annotations"][
         "serving.autoglm.io/config-checksum"
     ]
@@ -131,7 +145,13 @@ def test_spec_edit_rolls_the_deployment_and_updates_status(op: OperatorProcess, 
     second = kube.wait_ready("edit-me", timeout=120)
     assert second["metadata"]["generation"] > first["metadata"]["generation"]
     assert second["status"]["modelRevision"] == "v2"
-    dep = kube.get("deployment", "edit-me")
+    # A new revision: its own Deployment, which took over; the old one goes.
+    new_name = deployment_of("edit-me", edited["spec"])
+    assert new_name != old_name
+    assert second["status"]["revisions"][0]["name"] == new_name.removeprefix("edit-me-")
+    assert second["status"]["canary"]["phase"] == "Promoted"
+    wait_for(lambda: kube.get("deployment", old_name) is None, timeout=60, message="old gone")
+    dep = kube.get("deployment", new_name)
     template = dep["spec"]["template"]
     assert template["metadata"]["annotations"]["serving.autoglm.io/config-checksum"] != old_checksum
     env = {e["name"]: e["value"] for e in template["spec"]["containers"][0]["env"]}
@@ -166,7 +186,7 @@ def test_delete_garbage_collects_every_child(op: OperatorProcess, kube: Kube) ->
         },
     )
     assert kube.apply(manifest).returncode == 0
-    wait_for(lambda: len(kube.children("doomed")) == 6, timeout=60, message="six children")
+    wait_for(lambda: len(kube.children("doomed")) == 7, timeout=60, message="seven children")
     deleted = kube.run("delete", "agd", "doomed", "--wait=true", "--timeout=60s", check=False)
     assert deleted.returncode == 0, deleted.stderr
     wait_for(
@@ -201,7 +221,8 @@ def test_kubectl_scale_and_get_columns(op: OperatorProcess, kube: Kube) -> None:
         timeout=90,
         message="3 ready replicas",
     )
-    assert kube.get("deployment", "scaled")["spec"]["replicas"] == 3
+    scaled = deployment_of("scaled", {"model": {"source": "hf://THUDM/glm-4-9b-chat-hf@main"}})
+    assert kube.get("deployment", scaled)["spec"]["replicas"] == 3
     assert kube.get("pdb", "scaled") is not None  # more than one replica now
 
     # The scale subresource reads back what kubectl scale wrote, with the selector.
@@ -217,20 +238,32 @@ def test_kubectl_scale_and_get_columns(op: OperatorProcess, kube: Kube) -> None:
     assert "app.kubernetes.io/instance=scaled" in scale["status"]["selector"]
 
     table = kube.run("get", "agd").stdout.splitlines()
-    assert table[0].split() == ["NAME", "READY", "MODEL", "REPLICAS", "AGE"]
+    assert table[0].split() == ["NAME", "READY", "MODEL", "REPLICAS", "CANARY", "AGE"]
     row = table[1].split()
     assert row[:4] == ["scaled", "True", "hf://THUDM/glm-4-9b-chat-hf@main", "3"]
     wide = kube.run("get", "autoglm", "-o", "wide").stdout.splitlines()
-    assert wide[0].split() == ["NAME", "READY", "MODEL", "REPLICAS", "REASON", "AGE"]
-    assert wide[1].split()[4] == "ReplicasReady"
+    assert wide[0].split() == [
+        "NAME",
+        "READY",
+        "MODEL",
+        "REPLICAS",
+        "CANARY",
+        "WEIGHT",
+        "REASON",
+        "AGE",
+    ]
+    assert wide[1].split()[4] == "ReplicasReady"  # no rollout yet: Canary and Weight are empty
 
     # Scaling back to one removes the PodDisruptionBudget.
     kube.run("scale", "agd/scaled", "--replicas=1")
     wait_for(lambda: kube.get("pdb", "scaled") is None, timeout=30, message="PDB removed")
 
 
+SWITCH = deployment_of("switch", {"model": {"source": "hf://THUDM/glm-4-9b-chat-hf@main"}})
+
+
 def deployment_with_owners(kube: Kube, name: str) -> dict[str, Any]:
-    dep: dict[str, Any] = kube.get("deployment", name, "--show-managed-fields")
+    dep: dict[str, Any] = kube.get("deployment", SWITCH, "--show-managed-fields")
     return dep
 
 
@@ -270,7 +303,7 @@ def test_switch_to_autoscaling_keeps_the_replica_count(op: OperatorProcess, kube
     )
     # The HPA has no metrics here, so nothing else changes the count: it stays 3.
     for _ in range(6):
-        assert kube.get("deployment", "switch")["spec"]["replicas"] == 3
+        assert kube.get("deployment", SWITCH)["spec"]["replicas"] == 3
         time.sleep(0.5)
     kube.wait_ready("switch", timeout=60)
-    assert kube.get("deployment", "switch")["spec"]["replicas"] == 3
+    assert kube.get("deployment", SWITCH)["spec"]["replicas"] == 3

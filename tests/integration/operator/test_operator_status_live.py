@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import ROOT, Kube, OperatorProcess, agd, start_operator, wait_for
+from operator_helpers import (
+    ROOT,
+    Kube,
+    OperatorProcess,
+    agd,
+    deployment_of,
+    start_operator,
+    wait_for,
+)
 
 from autoglm_dev.cluster import build_node_manifest
 
@@ -97,18 +105,19 @@ def test_a_field_taken_by_another_manager_is_taken_back_with_a_warning(
     name = "contested"
     assert kube.apply(agd(name, {"model": {"source": "/opt/models/tiny"}})).returncode == 0
     kube.wait_ready(name, timeout=120)
+    dep = deployment_of(name, {"model": {"source": "/opt/models/tiny"}})
     patch = {"spec": {"template": {"spec": {"containers": [{"name": "server", "image": "x:1"}]}}}}
-    kube.run("patch", "deployment", name, "--type=strategic", "-p", json.dumps(patch))
+    kube.run("patch", "deployment", dep, "--type=strategic", "-p", json.dumps(patch))
     events = wait_for(
         lambda: [e for e in events_for(kube, name) if e["reason"] == "FieldManagerConflict"],
         timeout=op.resync_seconds + 30,
         message="a FieldManagerConflict event",
     )
     assert events[0]["type"] == "Warning"
-    assert "kubectl" in events[0]["message"] and f"Deployment {name}" in events[0]["message"]
+    assert "kubectl" in events[0]["message"] and f"Deployment {dep}" in events[0]["message"]
     wait_for(
         lambda: (
-            kube.get("deployment", name)["spec"]["template"]["spec"]["containers"][0]["image"]
+            kube.get("deployment", dep)["spec"]["template"]["spec"]["containers"][0]["image"]
             != "x:1"
         ),
         timeout=30,
