@@ -24,6 +24,12 @@ Gateway API with Traefik as its data plane. All run as local processes on
   one HTTP listener on a loopback port that takes HTTPRoutes and GRPCRoutes
   (h2c) from every namespace. Traefik balances over the ready addresses of the
   backend Services' EndpointSlices, so no kube-proxy is needed.
+- **Istio CRDs** (``networking.istio.io`` and the rest) from the
+  ``istio.io/api`` Go module at ``ISTIO_API_VERSION``
+  (``kubernetes/customresourcedefinitions.gen.yaml``, copied into the cache
+  under a folder named by the version), so the apiserver checks the operator's
+  VirtualServices and DestinationRules against Istio's own schemas. There is no
+  Istio control plane and no Envoy here: nothing routes by those objects.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import base64
 import json
 import logging
 import os
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -46,6 +53,7 @@ from .binaries import (
     GATEWAY_API_VERSION,
     HACK_DIR,
     KUBERNETES_VERSION,
+    cache_root,
     ensure_binaries,
     find_binary,
 )
@@ -69,6 +77,11 @@ GATEWAY_CONTROLLER = "traefik.io/gateway-controller"
 GATEWAY_NAME = "autoglm"
 GATEWAY_LISTENER = "http"
 SCRAPE_INTERVAL = "2s"
+# istio.io/api: the CRDs of Istio's networking, security, telemetry and extensions APIs.
+ISTIO_API_VERSION = "v1.32.0"
+ISTIO_CRDS_FILE = "kubernetes/customresourcedefinitions.gen.yaml"
+# The pod label a revision of an AutoGLMDeployment carries; Prometheus copies it to `revision`.
+REVISION_POD_LABEL = "serving.autoglm.io/revision"
 # The adapter re-lists the series it can serve this often (its default is 10 minutes).
 ADAPTER_RELIST_INTERVAL = "3s"
 
@@ -155,10 +168,21 @@ def build_prometheus_config(
                         "source_labels": ["__meta_kubernetes_pod_node_name"],
                         "target_label": "node",
                     },
+                    {
+                        # The canary's series by revision (absent label: no `revision`).
+                        "source_labels": [_sd_label(REVISION_POD_LABEL)],
+                        "target_label": "revision",
+                        "regex": "(.+)",
+                    },
                 ],
             }
         ],
     }
+
+
+def _sd_label(label: str) -> str:
+    """kubernetes_sd's meta label of a pod label (every character outside [a-zA-Z0-9_] -> _)."""
+    return "__meta_kubernetes_pod_label_" + "".join(c if c.isalnum() else "_" for c in label)
 
 
 def build_rbac(namespace: str = ADDONS_NAMESPACE) -> list[dict[str, Any]]:
@@ -454,6 +478,63 @@ def gateway_api_crd_dir(version: str = GATEWAY_API_VERSION) -> Path:
     return crds
 
 
+# ---- Istio CRDs ---------------------------------------------------------------------
+
+
+def istio_crds_file(version: str = ISTIO_API_VERSION) -> Path:
+    """Istio's CRDs from ``istio.io/api@version`` (through the module proxy when
+    not cached), kept in the cache folder ``istio-api-<version>``.
+    ``AUTOGLM_ISTIO_CRDS`` names a CRD file to use instead."""
+    override = os.environ.get("AUTOGLM_ISTIO_CRDS")
+    if override:
+        return Path(override)
+    cached = cache_root() / f"istio-api-{version}" / Path(ISTIO_CRDS_FILE).name
+    if cached.is_file():
+        return cached
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=mod"}
+    proc = subprocess.run(
+        ["go", "mod", "download", "-json", f"istio.io/api@{version}"],
+        cwd=HACK_DIR / "traefik",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise AddonError(f"go mod download istio.io/api@{version}: {proc.stderr}")
+    source = Path(json.loads(proc.stdout)["Dir"]) / ISTIO_CRDS_FILE
+    if not source.is_file():
+        raise AddonError(f"{source}: no CRDs in istio.io/api@{version}")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    shutil.copyfile(source, tmp)
+    tmp.replace(cached)
+    return cached
+
+
+def istio_crd_names(path: Path) -> list[str]:
+    return [
+        doc["metadata"]["name"]
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc.get("kind") == "CustomResourceDefinition"
+    ]
+
+
+def install_istio_crds(cluster: LocalCluster) -> Path:
+    """Server-side apply Istio's CRDs (skipped when VirtualService is served) and wait."""
+    probe = cluster.kubectl(
+        "get", "crd", "virtualservices.networking.istio.io", "-o", "name", check=False
+    )
+    crds = istio_crds_file()
+    if probe.returncode == 0:
+        return crds
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crds), timeout=120)
+    names = [f"crd/{n}" for n in istio_crd_names(crds)]
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
+    return crds
+
+
 # ---- processes ----------------------------------------------------------------------
 
 
@@ -517,6 +598,7 @@ def start_addons(
     from .cluster import free_port
 
     if addons_running(cluster):
+        install_istio_crds(cluster)  # a cluster whose add-ons predate them
         return endpoints(state)
     started = time.monotonic()
     deadline = started + timeout_s
@@ -536,6 +618,7 @@ def start_addons(
         ],
     )
     install_gateway_api(cluster)
+    install_istio_crds(cluster)
 
     prom_token = _token(cluster, "prometheus", workdir / "prometheus.token")
     prom_config = workdir / "prometheus.yml"

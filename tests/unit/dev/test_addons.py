@@ -117,3 +117,22 @@ def test_gateway_listener_takes_http_and_grpc_routes_from_all_namespaces() -> No
         Path("/token"),
     )
     assert "--entryPoints.web.address=127.0.0.1:18080" in args
+
+
+def test_prometheus_copies_the_revision_pod_label(tmp_path: Path) -> None:
+    config = addons.build_prometheus_config("https://x", tmp_path / "ca", tmp_path / "t")
+    relabel = config["scrape_configs"][0]["relabel_configs"]
+    rule = next(r for r in relabel if r.get("target_label") == "revision")
+    # kubernetes_sd writes pod label serving.autoglm.io/revision with every other character as _.
+    assert rule["source_labels"] == ["__meta_kubernetes_pod_label_serving_autoglm_io_revision"]
+    assert rule["regex"] == "(.+)"  # pods without the label get no empty `revision`
+
+
+def test_istio_crd_names_are_read_from_the_module_file(tmp_path: Path) -> None:
+    path = tmp_path / "crds.yaml"
+    path.write_text(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\n"
+        "metadata: {name: virtualservices.networking.istio.io}\n---\n"
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\n"
+    )
+    assert addons.istio_crd_names(path) == ["virtualservices.networking.istio.io"]
