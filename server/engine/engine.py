@@ -211,7 +211,9 @@ class LLMEngine:
             if self.config.tensor_parallel_size > 1:
                 from .parallel import TensorParallelGroup
 
-                self._tp = TensorParallelGroup(self.config, on_failure=self._die)
+                self._tp = TensorParallelGroup(
+                    self.config, on_failure=self._die, loader=self._loader
+                )
                 self._tp.spawn()  # here: the children outlive only the thread that forks them
                 await run_in_daemon_thread(self._tp.connect)
             loaded = await run_in_daemon_thread(self._loader, self.config)

@@ -283,14 +283,47 @@ def _agree_num_blocks(runner: Any) -> int:
     return int(t.item())
 
 
+def _loader_ref(loader: Callable[[Any], Any] | None) -> tuple[str, str, str | None]:
+    """How the other ranks find the engine's loader: (module, name, file of a script)."""
+    if loader is None:
+        return ("autoglm_server.engine.loader", "load_model", None)
+    module = loader.__module__
+    file = getattr(sys.modules.get(module), "__file__", None)
+    return (module, loader.__qualname__, file if module == "__main__" else None)
+
+
+def _resolve_loader(ref: tuple[str, str, str | None]) -> Callable[[Any], Any]:
+    """The loader named by :func:`_loader_ref` (a benchmark script's own, say)."""
+    import importlib
+    import importlib.util
+
+    module_name, name, file = ref
+    if file is None:
+        module = importlib.import_module(module_name)
+    else:
+        spec = importlib.util.spec_from_file_location("autoglm_tp_loader", file)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["autoglm_tp_loader"] = module
+        spec.loader.exec_module(module)
+    loader: Callable[[Any], Any] = getattr(module, name)
+    return loader
+
+
 # -- rank 0 ----------------------------------------------------------------------------------------
 
 
 class TensorParallelGroup:
     """Rank 0's side: starts the other ranks, watches them, sends them each step."""
 
-    def __init__(self, cfg: Any, on_failure: Callable[[BaseException], None]) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        on_failure: Callable[[BaseException], None],
+        loader: Callable[[Any], Any] | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.loader = _loader_ref(loader)
         self.world = int(cfg.tensor_parallel_size)
         self.on_failure = on_failure
         self.backend = _backend(cfg)
@@ -321,7 +354,7 @@ class TensorParallelGroup:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, env=env)
             self.procs.append(proc)
             assert proc.stdin is not None
-            _send(proc.stdin, ("init", self.cfg, self.backend))
+            _send(proc.stdin, ("init", self.cfg, self.backend, self.loader))
             threading.Thread(
                 target=self._watch, args=(rank, proc), name=f"tp-watch-{rank}", daemon=True
             ).start()
@@ -393,6 +426,12 @@ def _hard_exit() -> None:
     os._exit(1)
 
 
+# Runner methods that start or finish a step without going through execute():
+# launch/collect pipeline a step with the next one, feeding decode inputs from the
+# device (each rank's own sampled tokens); in TP every step is sent and run whole.
+_UNSENT_STEP_METHODS = frozenset({"launch", "collect"})
+
+
 class TensorParallelRunner:
     """Rank 0's runner: sends each step to the other ranks, then runs it here.
 
@@ -406,6 +445,10 @@ class TensorParallelRunner:
         self.num_blocks = _agree_num_blocks(runner)
 
     def __getattr__(self, name: str) -> Any:
+        if name in _UNSENT_STEP_METHODS:
+            # Not offered: the engine then runs every step through execute(), which
+            # reaches the other ranks first.
+            raise AttributeError(name)
         return getattr(self._runner, name)
 
     def _fatal(self, exc: Exception) -> Exception:
@@ -451,7 +494,7 @@ def worker_main(argv: list[str]) -> int:
     message = _recv(pipe)
     if message is None or message[0] != "init":
         return 1
-    _, cfg, backend = message
+    _, cfg, backend, loader_ref = message
     timeout = collective_timeout()
     store = dist.TCPStore(  # type: ignore[attr-defined]
         "127.0.0.1", port, world, is_master=False, timeout=timeout
@@ -463,9 +506,8 @@ def worker_main(argv: list[str]) -> int:
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
     from ..metrics import Metrics
     from .engine import LLMEngine
-    from .loader import load_model
 
-    loaded = load_model(cfg)
+    loaded = _resolve_loader(loader_ref)(cfg)
     # The same runner construction as rank 0's engine.
     engine = LLMEngine(cfg, metrics=Metrics("rank", "local", enable_gpu=False))
     runner = engine._build_runner(loaded)

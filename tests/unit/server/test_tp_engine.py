@@ -76,6 +76,8 @@ async def test_tp2_equals_tp1_token_for_token(
     assert all(len(t) == 16 for t in got)
     info = engine.model_info
     assert info.tensor_parallel_size == 2
+    # every step reaches the other ranks through execute(): no pipelined launch/collect
+    assert not hasattr(engine._runner, "launch") and not hasattr(engine._runner, "collect")
     labels = {
         "model": engine.served_model_name,
         "version": "local",
