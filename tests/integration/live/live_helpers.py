@@ -163,14 +163,21 @@ class OperatorProcess:
             self.proc.wait(timeout=10)
 
 
-def start_operator(kubeconfig: Path, log_path: Path, resync_seconds: float) -> OperatorProcess:
-    """``kopf run`` of the operator, as in its image (standalone, all namespaces)."""
+def start_operator(
+    kubeconfig: Path,
+    log_path: Path,
+    resync_seconds: float,
+    env: dict[str, str] | None = None,
+) -> OperatorProcess:
+    """``kopf run`` of the operator, as in its image (standalone, all namespaces);
+    ``env`` adds settings (e.g. ``AUTOGLM_OPERATOR_PROMETHEUS_URL``)."""
     env = {
         **os.environ,
         "KUBECONFIG": str(kubeconfig),
         "AUTOGLM_OPERATOR_METRICS_PORT": "0",
         "AUTOGLM_OPERATOR_RESYNC_SECONDS": str(resync_seconds),
         "AUTOGLM_OPERATOR_LOG_FORMAT": "text",
+        **(env or {}),
     }
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
