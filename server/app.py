@@ -38,6 +38,9 @@ from autoglm_server.errors import ModelLoadError
 from autoglm_server.frontend import Phase, ServerState
 from autoglm_server.grpc_server import build_grpc_server
 from autoglm_server.http_server import build_http_app, build_metrics_app
+from autoglm_server.security.keys import KeyGuard
+from autoglm_server.security.signing import verify_model
+from autoglm_server.security.tls import ReloadingTls, TlsFiles, grpc_credentials
 from autoglm_server.threads import run_in_daemon_thread
 
 if TYPE_CHECKING:
@@ -62,6 +65,15 @@ class ServeOptions:
     shutdown_grace_s: float = 30.0
     chat_template: str | None = None  # --chat-template: the template text
     tool_call_parser: str | None = None  # --tool-call-parser: glm4, llama3_json
+    api_keys_file: str | None = None  # --api-keys-file: keys and limits (security/keys.py)
+    metrics_auth: bool = False  # --metrics-auth: /metrics needs a key with the metrics scope
+    tls_cert_file: str | None = None  # --tls-cert-file / --tls-key-file: TLS on gRPC and HTTP
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None  # --tls-client-ca-file: mTLS
+    model_signature: str | None = None  # --model-signature (default <model>/model.sig)
+    model_signing_public_key: str | None = None  # --model-signing-public-key: verify first
+    http_max_body_bytes: int = 4 * 1024 * 1024  # --http-max-body-bytes
+    http_request_timeout_s: float = 0.0  # --http-request-timeout-seconds (0: none)
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -127,6 +139,9 @@ class ServerProcess:
         self.listening = asyncio.Event()
         # Stopped while the engine was still loading: a loader thread may still run.
         self.startup_abandoned = False
+        self.keys: KeyGuard | None = None
+        self._tls: ReloadingTls | None = None
+        self._tls_task: asyncio.Task[None] | None = None
 
     # -- signals -----------------------------------------------------------------------------------
 
@@ -173,16 +188,55 @@ class ServerProcess:
         logger.info("exiting with code %d", self._exit_code)
         return self._exit_code
 
+    def _security(self) -> Any:
+        """API keys and TLS from the options (ValueError naming the flag if unusable)."""
+        opts = self.options
+        if opts.api_keys_file:
+            self.keys = KeyGuard(opts.api_keys_file, protect_metrics=opts.metrics_auth)
+        elif opts.metrics_auth:
+            raise ValueError("metrics_auth: needs api_keys_file")
+        if bool(opts.tls_cert_file) != bool(opts.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file: give both or neither")
+        if opts.tls_client_ca_file and not opts.tls_cert_file:
+            raise ValueError("tls_client_ca_file: needs tls_cert_file and tls_key_file")
+        if not opts.tls_cert_file or not opts.tls_key_file:
+            return None
+        files = TlsFiles(opts.tls_cert_file, opts.tls_key_file, opts.tls_client_ca_file)
+        self._tls = ReloadingTls(files)
+        return grpc_credentials(files)
+
+    async def _reload_tls(self) -> None:
+        assert self._tls is not None
+        while True:
+            await asyncio.sleep(1.0)
+            self._tls.maybe_reload()
+
     async def _start_listeners(self) -> None:
         opts = self.options
-        server, grpc_port = build_grpc_server(self.state, opts.host, opts.grpc_port)
+        try:
+            credentials = self._security()
+        except ValueError as exc:
+            raise OSError(str(exc)) from None
+        server, grpc_port = build_grpc_server(
+            self.state, opts.host, opts.grpc_port, keys=self.keys, credentials=credentials
+        )
         self._grpc = server
         await server.start()
         self.ports["grpc"] = grpc_port
         metrics = self._render_metrics
-        apps = [("http", build_http_app(self.state, metrics), opts.http_port)]
+        http_app = build_http_app(
+            self.state,
+            metrics,
+            keys=self.keys,
+            max_body_bytes=opts.http_max_body_bytes,
+            request_timeout_s=opts.http_request_timeout_s or None,
+        )
+        apps = [("http", http_app, opts.http_port)]
         if opts.metrics_port:
-            apps.append(("metrics", build_metrics_app(metrics), opts.metrics_port))
+            metrics_app = build_metrics_app(metrics, self.state, self.keys)
+            apps.append(("metrics", metrics_app, opts.metrics_port))
+        if self._tls is not None:
+            self._tls_task = asyncio.create_task(self._reload_tls(), name="tls-reload")
         for name, app, app_port in apps:
             sock = _listen(opts.host, app_port)
             self.ports[name] = sock.getsockname()[1]
@@ -194,6 +248,9 @@ class ServerProcess:
                 timeout_graceful_shutdown=5,
                 ws="none",
             )
+            if name == "http" and self._tls is not None:
+                config.load()
+                config.ssl = self._tls.context  # reloaded in place on rotation
             server_ = _EmbeddedUvicorn(config)
             task = asyncio.create_task(server_.serve(sockets=[sock]), name=f"uvicorn-{name}")
             self._uvicorns.append((server_, task))
@@ -212,9 +269,22 @@ class ServerProcess:
 
     def _render_metrics(self) -> bytes:
         engine = self.engine
-        return engine.metrics.render() if engine is not None else b""
+        out = engine.metrics.render() if engine is not None else b""
+        if self.keys is not None:
+            out += self.keys.render()
+        return out
 
     async def _load_engine(self) -> None:
+        opts = self.options
+        if opts.model_signing_public_key:
+            # Before any weight is read; ModelLoadError names the file and the reason.
+            await run_in_daemon_thread(
+                verify_model,
+                str(self.engine_config.model),
+                opts.model_signature,
+                opts.model_signing_public_key,
+            )
+            logger.info("model signature verified")
         factory = self._engine_factory
         if factory is None:
             # Importing torch takes seconds; do it off the loop so probes keep answering.
@@ -277,6 +347,8 @@ class ServerProcess:
         self.state.set_phase(Phase.STOPPED)
 
     async def _close_listeners(self) -> None:
+        if self._tls_task is not None:
+            self._tls_task.cancel()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         for server_, _ in self._uvicorns:

@@ -92,6 +92,15 @@ FLAGS: tuple[Flag, ...] = (
     Flag("shutdown-grace-seconds", float, 30.0, "drain time after SIGTERM", "serve"),
     Flag("chat-template", str, None, "Jinja chat template file; replaces the tokenizer's own", "serve"),
     Flag("tool-call-parser", str, None, "tool-call format: glm4 or llama3_json (default: from the chat template)", "serve"),
+    Flag("api-keys-file", str, None, "JSON file of API keys and their limits (a mounted Secret; re-read when it changes); unset: no keys needed", "serve"),
+    Flag("metrics-auth", parse_bool, False, "/metrics needs a key with the metrics scope", "serve"),
+    Flag("tls-cert-file", str, None, "PEM certificate chain for gRPC and HTTP (tls.crt; reloaded on change)", "serve"),
+    Flag("tls-key-file", str, None, "PEM private key (tls.key)", "serve"),
+    Flag("tls-client-ca-file", str, None, "PEM CA: clients must present a certificate it signed (mTLS)", "serve"),
+    Flag("model-signature", str, None, "model-signing signature of the model (default: <model>/model.sig)", "serve"),
+    Flag("model-signing-public-key", str, None, "PEM public key; the model loads only if its signature verifies", "serve"),
+    Flag("http-max-body-bytes", int, 4 * 1024 * 1024, "largest HTTP request body (413 above)", "serve"),
+    Flag("http-request-timeout-seconds", float, 0.0, "HTTP request deadline, streams included (504; 0: none)", "serve"),
     Flag("log-format", str, "plain", "log line format", "log", ("plain", "json")),
     Flag("log-level", str, "info", "log level", "log", ("debug", "info", "warning", "error")),
 )  # fmt: skip
@@ -153,6 +162,15 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
         shutdown_grace_s=serve["shutdown_grace_seconds"],
         chat_template=_chat_template(serve["chat_template"]),
         tool_call_parser=_tool_call_parser(serve["tool_call_parser"]),
+        api_keys_file=serve["api_keys_file"],
+        metrics_auth=serve["metrics_auth"],
+        tls_cert_file=serve["tls_cert_file"],
+        tls_key_file=serve["tls_key_file"],
+        tls_client_ca_file=serve["tls_client_ca_file"],
+        model_signature=serve["model_signature"],
+        model_signing_public_key=serve["model_signing_public_key"],
+        http_max_body_bytes=serve["http_max_body_bytes"],
+        http_request_timeout_s=serve["http_request_timeout_seconds"],
     )
     if options.shutdown_grace_s < 0:
         raise ValueError("shutdown_grace_seconds: must be >= 0")

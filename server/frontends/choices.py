@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from autoglm_server.engine.api import SEED_MAX, GenerationDelta, GenerationRequest, SamplingParams
 from autoglm_server.frontend import new_request_id
+from autoglm_server.security.keys import cap_priority, charge_tokens
 
 MAX_CHOICES = 16
 
@@ -15,7 +16,13 @@ MAX_CHOICES = 16
 def generation_requests(
     prompt_ids: list[int], params: SamplingParams, n: int, priority: int
 ) -> list[GenerationRequest]:
-    """n engine requests; a seeded request gives choice i the seed ``seed + i``."""
+    """n engine requests; a seeded request gives choice i the seed ``seed + i``.
+
+    The request's API key (if any) is charged the prompt tokens of every choice,
+    and its priority cap applies.
+    """
+    priority = cap_priority(priority)
+    charge_tokens(len(prompt_ids) * n)
     out = []
     for i in range(n):
         p = params
@@ -35,9 +42,13 @@ def generation_requests(
 async def merge(
     streams: Sequence[AsyncIterator[GenerationDelta]],
 ) -> AsyncIterator[tuple[int, GenerationDelta]]:
-    """(choice index, delta) as they come, from every stream; the first error raises."""
+    """(choice index, delta) as they come, from every stream; the first error raises.
+
+    Generated tokens are charged to the request's API key (if any) as they come.
+    """
     if len(streams) == 1:
         async for delta in streams[0]:
+            charge_tokens(len(delta.token_ids))
             yield 0, delta
         return
     queue: asyncio.Queue[tuple[int, GenerationDelta | BaseException | None]] = asyncio.Queue()
@@ -60,6 +71,7 @@ async def merge(
             elif isinstance(item, BaseException):
                 raise item
             else:
+                charge_tokens(len(item.token_ids))
                 yield index, item
     finally:
         for task in tasks:

@@ -33,10 +33,11 @@ from autoglm_server.errors import (
     InvalidRequestError,
     QueueFullError,
 )
-from autoglm_server.frontend import GenerationStream, Phase, ServerState
+from autoglm_server.frontend import GenerationStream, Phase, ServerState, outcome_code
 from autoglm_server.frontends.wire import find_bad_field
 from autoglm_server.proto import grpc_predict_v2_pb2 as v2
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2 as pb
+from autoglm_server.security.keys import KeyGuard, Ticket, bearer, current_ticket, grpc_scope
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,8 @@ async def _abort_with(
     else:
         logger.debug("%s -> %s: %s", method, code.name, message)
     if isinstance(exc, QueueFullError):
-        # A hint for clients that back off; gRPC has no standard Retry-After.
-        context.set_trailing_metadata((("retry-after", f"{exc.retry_after_s:g}"),))
+        # A hint for clients that back off (seconds); gRPC has no standard Retry-After.
+        context.set_trailing_metadata((("retry-after", f"{exc.retry_after_s:.3g}"),))
     await context.abort(code, message)
 
 
@@ -105,13 +106,39 @@ def _tolerant(deserializer: Any) -> Any:
     return parse
 
 
+class _Guard:
+    """The API-key check of one RPC (None: no keys configured)."""
+
+    def __init__(self, keys: KeyGuard | None, method: str) -> None:
+        self._keys = keys
+        self._scope = grpc_scope(method)
+
+    def admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Ticket | None:
+        if self._keys is None:
+            return None
+        token = None
+        for name, value in context.invocation_metadata() or ():
+            if name == "authorization" and isinstance(value, str):
+                token = bearer(value)
+        ticket = self._keys.admit(token, self._scope)
+        current_ticket.set(ticket)
+        return ticket
+
+
+def _release(ticket: Ticket | None, exc: BaseException | None) -> None:
+    if ticket is not None:
+        ticket.release("OK" if exc is None else outcome_code(exc))
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps exceptions raised by our servicers to status codes (see :func:`status_for`)."""
+    """Maps exceptions raised by our servicers to status codes (see :func:`status_for`),
+    and checks API keys first when ``keys`` is given (health and reflection stay open)."""
 
     _PREFIXES = (f"/{AUTOGLM_SERVICE}/", f"/{INFERENCE_SERVICE}/")
 
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, keys: KeyGuard | None = None) -> None:
         self._state = state
+        self._keys = keys
 
     async def intercept_service(
         self,
@@ -123,51 +150,67 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or not method.startswith(self._PREFIXES):
             return handler
         deserializer = _tolerant(handler.request_deserializer)
+        guard = _Guard(self._keys, method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(handler.unary_unary, method, self._state),
+                _guard_unary(handler.unary_unary, method, self._state, guard),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _guard_stream(handler.unary_stream, method, self._state),
+                _guard_stream(handler.unary_stream, method, self._state, guard),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
-def _guard_unary(behavior: Any, method: str, state: ServerState) -> Any:
+def _guard_unary(behavior: Any, method: str, state: ServerState, guard: _Guard) -> Any:
     async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        ticket = None
         try:
+            ticket = guard.admit(context)
             if isinstance(request, _Unparsable):
                 raise request.error
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
+            result = await behavior(request, context)
+            _release(ticket, None)
+            return result
+        except grpc.aio.AbortError as exc:
+            _release(ticket, exc)
             raise
-        except Exception as exc:
+        except BaseException as exc:
+            _release(ticket, exc)
+            if not isinstance(exc, Exception):
+                raise
             await _abort_with(context, exc, method, state)
 
     return guarded
 
 
-def _guard_stream(behavior: Any, method: str, state: ServerState) -> Any:
+def _guard_stream(behavior: Any, method: str, state: ServerState, guard: _Guard) -> Any:
     if inspect.isasyncgenfunction(behavior):
 
         async def guarded_gen(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            ticket = None
             try:
+                ticket = guard.admit(context)
                 if isinstance(request, _Unparsable):
                     raise request.error
                 async for item in behavior(request, context):
                     yield item
-            except grpc.aio.AbortError:
+                _release(ticket, None)
+            except grpc.aio.AbortError as exc:
+                _release(ticket, exc)
                 raise
-            except Exception as exc:
+            except BaseException as exc:
+                _release(ticket, exc)
+                if not isinstance(exc, Exception):
+                    raise
                 await _abort_with(context, exc, method, state)
 
         return guarded_gen
-    return _guard_unary(behavior, method, state)
+    return _guard_unary(behavior, method, state, guard)
 
 
 def engine_stream(
@@ -267,15 +310,26 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 # --------------------------------------------------------------------------- server
 
 
-def build_grpc_server(state: ServerState, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """An unstarted grpc.aio server with every service; returns it and the bound port."""
+def build_grpc_server(
+    state: ServerState,
+    host: str,
+    port: int,
+    *,
+    keys: KeyGuard | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """An unstarted grpc.aio server with every service; returns it and the bound port.
+
+    ``keys``: API keys are required on autoglm.v1 and KServe v2 (health and
+    reflection stay open); ``credentials``: TLS (see :mod:`autoglm_server.security.tls`).
+    """
     from autoglm_server.frontends.grpc_v1 import AutoGLMServicer
     from autoglm_server.frontends.kserve_v2 import InferenceServicer
     from autoglm_server.proto import grpc_predict_v2_pb2_grpc as v2_grpc
     from autoglm_server.proto.autoglm.v1 import autoglm_pb2_grpc as pb_grpc
 
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(state)],
+        interceptors=[ErrorInterceptor(state, keys)],
         options=[
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
@@ -289,7 +343,11 @@ def build_grpc_server(state: ServerState, host: str, port: int) -> tuple[grpc.ai
         (AUTOGLM_SERVICE, INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
     )
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        if credentials is not None:
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc reports a busy port as RuntimeError
         raise OSError(f"cannot listen on {host}:{port} (grpc): {exc}") from None
     return server, bound

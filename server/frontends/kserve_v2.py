@@ -17,11 +17,13 @@ from typing import Any
 import grpc
 
 from autoglm_server import __version__
-from autoglm_server.engine.api import AsyncEngine, GenerationRequest
+from autoglm_server.engine.api import AsyncEngine
 from autoglm_server.errors import InvalidRequestError
-from autoglm_server.frontend import Phase, ServerState, collect, new_request_id, usage_or_count
+from autoglm_server.frontend import Phase, ServerState, collect, usage_or_count
+from autoglm_server.frontends.choices import generation_requests
 from autoglm_server.frontends.grpc_common import deadline, engine_stream, max_new_tokens_for
 from autoglm_server.proto import grpc_predict_v2_pb2 as v2
+from autoglm_server.security.keys import charge_tokens
 from autoglm_server.validation import (
     GenerationParams,
     check_room,
@@ -242,16 +244,12 @@ class InferenceServicer:
             ),
         )
         with self._state.admit() as engine:
-            gen = GenerationRequest(
-                request_id=new_request_id(),
-                prompt_token_ids=prompt_ids,
-                params=sampling,
-                priority=params.priority,
-            )
+            (gen,) = generation_requests(prompt_ids, sampling, 1, params.priority)
             # The deadline sits inside the stream's block, so the abort it causes
             # is counted as DEADLINE_EXCEEDED, as the client sees it.
             async with engine_stream(engine, gen, context) as stream, deadline(context):
                 done = await collect(stream, gen.request_id)
+            charge_tokens(len(done.token_ids))
         usage = usage_or_count(done, len(gen.prompt_token_ids))
         info = engine.model_info
         data = done.text.encode("utf-8")

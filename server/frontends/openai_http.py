@@ -58,8 +58,10 @@ from autoglm_server.frontends import openai_protocol as proto
 from autoglm_server.frontends.body import parse_json_body
 from autoglm_server.frontends.chat import template_messages
 from autoglm_server.frontends.choices import generation_requests, merge
+from autoglm_server.frontends.http_guard import DEFAULT_MAX_BODY_BYTES, HttpGuard
 from autoglm_server.frontends.tool_stream import ChatStream, ToolPlan, plan_tools
 from autoglm_server.frontends.tools import ToolSpec
+from autoglm_server.security.keys import KeyGuard
 from autoglm_server.validation import (
     check_room,
     format_loc,
@@ -75,6 +77,9 @@ MetricsRenderer = Callable[[], bytes]
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    413: "invalid_request_error",
     404: "not_found_error",
     429: "rate_limit_error",
     499: "cancelled",
@@ -536,9 +541,28 @@ def _grammar_spec(
 # --------------------------------------------------------------------------- app
 
 
-def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -> FastAPI:
-    """The FastAPI app. ``render_metrics`` returns Prometheus text (None: no /metrics)."""
+def build_http_app(
+    state: ServerState,
+    render_metrics: MetricsRenderer | None,
+    *,
+    keys: KeyGuard | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    request_timeout_s: float | None = None,
+) -> FastAPI:
+    """The FastAPI app. ``render_metrics`` returns Prometheus text (None: no /metrics).
+
+    ``keys``, ``max_body_bytes`` and ``request_timeout_s`` configure the guard in
+    front of it (:mod:`.http_guard`).
+    """
     app = FastAPI(title="AutoGLM", version=__version__, docs_url=None, redoc_url=None)
+    app.add_middleware(
+        HttpGuard,
+        state=state,
+        respond=_response_for,
+        keys=keys,
+        max_body_bytes=max_body_bytes,
+        request_timeout_s=request_timeout_s,
+    )
 
     class GuardedRoute(APIRoute):
         """Every exception becomes an OpenAI error response, and is counted once."""
@@ -836,9 +860,28 @@ def build_http_app(state: ServerState, render_metrics: MetricsRenderer | None) -
     return app
 
 
-def build_metrics_app(render_metrics: MetricsRenderer) -> FastAPI:
-    """The metrics-only app for the dedicated metrics port."""
+def build_metrics_app(
+    render_metrics: MetricsRenderer,
+    state: ServerState | None = None,
+    keys: KeyGuard | None = None,
+) -> FastAPI:
+    """The metrics-only app for the dedicated metrics port (plain HTTP even when the
+    API ports use TLS). With ``state`` it also answers ``/healthz`` and ``/readyz``,
+    so probes work when the HTTP port needs client certificates; with ``keys`` and
+    ``--metrics-auth``, /metrics needs a key with the metrics scope."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    if state is not None:
+        app.add_middleware(HttpGuard, state=state, respond=_response_for, keys=keys)
+
+        @app.get("/healthz")
+        async def healthz() -> Response:
+            return PlainTextResponse("ok")
+
+        @app.get("/readyz")
+        async def readyz() -> Response:
+            if state.is_ready():
+                return PlainTextResponse("ready")
+            return PlainTextResponse(state.phase.value, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
