@@ -1,0 +1,252 @@
+"""Canary rollouts on the real control plane (kwok GPU nodes, no servers, no Prometheus).
+
+What the API server and the operator do with the objects: the routes each
+provider needs are accepted by the API server's own CRD schemas (Gateway API
+from its module, Istio's from ``istio.io/api``), and the step machine moves the
+weights in them, step by step, through resume, promotion, abort and a
+rollback to an older revision. The live cluster (real servers, Prometheus,
+Traefik) is tests/integration/live's.
+
+The test with the missing provider runs first: it needs a cluster where
+Istio's CRDs are not installed yet (the later Istio test installs them).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from operator_helpers import Kube, OperatorProcess, agd, revision_of, wait_for
+
+from autoglm_dev.addons import install_gateway_api, install_istio_crds
+
+pytestmark = pytest.mark.k8s
+
+SOURCE = {"source": "hf://THUDM/glm-4-9b-chat-hf@main"}
+GATEWAY = {"provider": "gatewayAPI", "gateway": {"name": "gw", "sectionName": "http"}}
+
+
+@pytest.fixture(scope="module")
+def gateway_crds(cluster: Any) -> None:
+    install_gateway_api(cluster)
+
+
+def canary_status(kube: Kube, name: str) -> dict[str, Any]:
+    return dict(((kube.get("agd", name) or {}).get("status") or {}).get("canary") or {})
+
+
+def wait_phase(kube: Kube, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    status: dict[str, Any] = wait_for(
+        lambda: (st := canary_status(kube, name)).get("phase") == phase and st,
+        timeout=timeout,
+        message=lambda: f"phase {phase}; status.canary now {json.dumps(canary_status(kube, name))}",
+    )
+    return status
+
+
+def backend_weights(kube: Kube, kind: str, name: str) -> dict[str, int]:
+    route = kube.get(kind, name) or {}
+    if kind.lower() == "virtualservice":
+        return {r["destination"]["subset"]: r["weight"] for r in route["spec"]["http"][0]["route"]}
+    return {r["name"]: r["weight"] for r in route["spec"]["rules"][0]["backendRefs"]}
+
+
+def wait_weights(kube: Kube, kind: str, name: str, want: dict[str, int]) -> None:
+    wait_for(
+        lambda: kube.get(kind, name) is not None and backend_weights(kube, kind, name) == want,
+        timeout=60,
+        message=lambda: (
+            f"{kind}/{name} weights {want}, have "
+            f"{backend_weights(kube, kind, name) if kube.get(kind, name) else None}"
+        ),
+    )
+
+
+def events(kube: Kube, name: str) -> list[str]:
+    data = kube.get(
+        "events",
+        None,
+        "--field-selector",
+        f"involvedObject.name={name},involvedObject.kind=AutoGLMDeployment",
+    )
+    return [e["reason"] for e in (data or {}).get("items", [])]
+
+
+def annotate(kube: Kube, name: str, action: str) -> None:
+    kube.run("annotate", "agd", name, f"serving.autoglm.io/canary-action={action}", "--overwrite")
+
+
+def patch_spec(kube: Kube, name: str, spec: dict[str, Any]) -> None:
+    kube.run("patch", "agd", name, "--type=merge", "-p", json.dumps({"spec": spec}))
+
+
+def test_a_provider_whose_crds_are_missing_is_a_condition_not_a_crash(
+    op: OperatorProcess, kube: Kube
+) -> None:
+    probe = kube.cluster.kubectl(
+        "get", "crd", "virtualservices.networking.istio.io", "-o", "name", check=False
+    )
+    assert probe.returncode != 0, "this test needs a cluster without Istio's CRDs (run it first)"
+    spec = {"model": SOURCE, "traffic": {"provider": "istio"}}
+    assert kube.apply(agd("nomesh", spec)).returncode == 0
+
+    def missing() -> dict[str, Any] | None:
+        cond = kube.condition("nomesh")
+        return cond if cond and cond["reason"] == "TrafficProviderMissing" else None
+
+    cond = wait_for(missing, timeout=60, message=lambda: f"{kube.condition('nomesh')}")
+    assert cond["status"] == "False"
+    assert "networking.istio.io/v1beta1" in cond["message"]
+    degraded = kube.condition("nomesh", "Degraded")
+    assert degraded is not None and degraded["status"] == "True"
+    # The model's pods are created all the same, and the operator lives on.
+    wait_for(
+        lambda: kube.get("deployment", f"nomesh-{revision_of(spec)}") is not None,
+        timeout=30,
+        message="the Deployment",
+    )
+    assert op.alive()
+
+
+def test_gateway_api_routes_follow_the_steps_through_promotion_and_rollback_to(
+    op: OperatorProcess, kube: Kube, gateway_crds: None
+) -> None:
+    base = {"model": SOURCE, "replicas": 2, "traffic": GATEWAY}
+    stable = f"canary-{revision_of(base)}"
+    assert kube.apply(agd("canary", base)).returncode == 0
+    kube.wait_ready("canary", timeout=120)
+    for kind in ("grpcroute", "httproute"):
+        wait_weights(kube, kind, "canary", {stable: 100})
+    grpc = kube.get("grpcroute", "canary")
+    assert grpc["spec"]["parentRefs"][0]["name"] == "gw"
+    assert grpc["spec"]["rules"][0]["backendRefs"][0]["port"] == 8001
+    assert kube.get("httproute", "canary")["spec"]["rules"][0]["backendRefs"][0]["port"] == 8000
+
+    steps = [{"setWeight": 20}, {"pause": {}}, {"setWeight": 60}, {"pause": {"duration": "1s"}}]
+    patch_spec(kube, "canary", {"canary": {"image": "registry.local/server:2", "steps": steps}})
+    target = f"canary-{revision_of({**base, 'server': {'image': 'registry.local/server:2'}})}"
+    st = wait_phase(kube, "canary", "Paused")
+    assert (st["step"], st["weight"], st["reason"]) == (1, 20, "PauseStep")
+    assert "canary-" + st["canaryRevision"] == target
+    for kind in ("grpcroute", "httproute"):
+        wait_weights(kube, kind, "canary", {stable: 80, target: 20})
+    assert kube.get("service", target)["spec"]["selector"]["serving.autoglm.io/revision"] == (
+        target.removeprefix("canary-")
+    )
+    # The stable side keeps its two pods; the canary gets its share (20% of 2 -> 1).
+    assert kube.get("deployment", stable)["spec"]["replicas"] == 2
+    assert kube.get("deployment", target)["spec"]["replicas"] == 1
+    ready = kube.condition("canary")
+    assert ready is not None and ready["status"] == "True"  # the stable serves
+    progressing = kube.condition("canary", "Progressing")
+    assert progressing is not None and progressing["reason"] == "CanaryInProgress"
+    table = kube.run("get", "agd", "canary").stdout.splitlines()
+    assert table[1].split()[4] == "Paused"
+
+    # Resume: past the open pause, weight 60, a timed pause, then promoted.
+    annotate(kube, "canary", "resume")
+    st = wait_phase(kube, "canary", "Promoted")
+    assert st["stableRevision"] == target.removeprefix("canary-")
+    assert st["weight"] == 100
+    assert "serving.autoglm.io/canary-action" not in (
+        kube.get("agd", "canary")["metadata"].get("annotations") or {}
+    )
+    # The old stable stays warm (its pods kept, no traffic) for the instant-rollback window.
+    for kind in ("grpcroute", "httproute"):
+        wait_weights(kube, kind, "canary", {target: 100, stable: 0})
+    assert kube.get("deployment", stable)["spec"]["replicas"] == 2
+    assert kube.get("deployment", target)["spec"]["replicas"] == 2
+    revisions = kube.get("agd", "canary")["status"]["revisions"]
+    assert [r["name"] for r in revisions] == [
+        target.removeprefix("canary-"),
+        stable.removeprefix("canary-"),
+    ]
+    assert revisions[1]["warmUntil"] and revisions[0]["image"] == "registry.local/server:2"
+    reasons = events(kube, "canary")
+    for reason in ("CanaryStarted", "WeightSet", "PauseStep", "CanaryAction", "Promoted"):
+        assert reason in reasons, reasons
+
+    # rollbackTo the old revision inside the window: a weight flip.
+    patch_spec(kube, "canary", {"rollbackTo": stable.removeprefix("canary-")})
+    st = wait_phase(kube, "canary", "Promoted")
+    st = wait_for(
+        lambda: (s := canary_status(kube, "canary")).get("reason") == "RolledBackTo" and s,
+        timeout=60,
+        message=lambda: f"RolledBackTo, have {canary_status(kube, 'canary')}",
+    )
+    assert st["stableRevision"] == stable.removeprefix("canary-")
+    wait_weights(kube, "grpcroute", "canary", {stable: 100, target: 0})
+
+
+def test_abort_sets_weight_zero_then_removes_the_canary(
+    op: OperatorProcess, kube: Kube, gateway_crds: None
+) -> None:
+    base = {"model": SOURCE, "traffic": GATEWAY}
+    stable = f"abort-{revision_of(base)}"
+    assert kube.apply(agd("abort", base)).returncode == 0
+    kube.wait_ready("abort", timeout=120)
+    canary = {"model": {"source": "hf://THUDM/glm-4-9b-chat-hf@v2"}, "weight": 50}
+    patch_spec(kube, "abort", {"canary": canary})
+    st = wait_phase(kube, "abort", "Paused")
+    target = f"abort-{st['canaryRevision']}"
+    wait_weights(kube, "httproute", "abort", {stable: 50, target: 50})
+    annotate(kube, "abort", "abort")
+    st = wait_phase(kube, "abort", "RolledBack", timeout=60)
+    assert st["reason"] == "Aborted" and st["weight"] == 0
+    assert st["weightZeroAt"] >= st["rollbackStartedAt"]
+    wait_weights(kube, "httproute", "abort", {stable: 100})
+    wait_for(
+        lambda: kube.get("deployment", target) is None and kube.get("service", target) is None,
+        timeout=60,
+        message="the canary's Deployment and Service removed",
+    )
+    assert kube.get("deployment", stable)["spec"]["replicas"] == 1
+
+
+def test_an_analysis_without_prometheus_times_out_and_rolls_back(
+    op: OperatorProcess, kube: Kube
+) -> None:
+    # The session's operator has no Prometheus to ask: every interval is inconclusive.
+    base = {"model": SOURCE}
+    assert kube.apply(agd("blind", base)).returncode == 0
+    kube.wait_ready("blind", timeout=120)
+    steps = [{"setWeight": 50}, {"analysis": {"interval": "1s", "timeout": "4s"}}]
+    patch_spec(kube, "blind", {"canary": {"image": "registry.local/server:3", "steps": steps}})
+    st = wait_phase(kube, "blind", "RolledBack", timeout=90)
+    assert st["reason"] == "AnalysisFailed"
+    assert "timed out" in st["message"] and "PROMETHEUS_URL" in st["message"]
+    assert st["lastAnalysis"]["verdict"] == "Inconclusive"
+    degraded = kube.condition("blind", "Degraded")
+    assert degraded is not None and degraded["reason"] == "AnalysisFailed"
+    assert "RollingBack" not in events(kube, "blind")  # reasons, not phases
+    assert "AnalysisFailed" in events(kube, "blind")
+
+
+def test_istio_objects_are_accepted_and_carry_the_weights(
+    op: OperatorProcess, kube: Kube, cluster: Any
+) -> None:
+    install_istio_crds(cluster)
+    base = {"model": SOURCE, "replicas": 2, "traffic": {"provider": "istio"}}
+    stable = revision_of(base)
+    assert kube.apply(agd("mesh", base)).returncode == 0
+    kube.wait_ready("mesh", timeout=120)
+    patch_spec(
+        kube, "mesh", {"canary": {"server": {"batching": {"maxBatchSize": 8}}, "weight": 30}}
+    )
+    st = wait_phase(kube, "mesh", "Paused")
+    target = st["canaryRevision"]
+    wait_weights(kube, "virtualservice", "mesh", {stable: 70, target: 30})
+    rule = kube.get("destinationrule", "mesh")
+    assert rule["spec"]["host"] == f"mesh.{kube.namespace}.svc.cluster.local"
+    assert {s["name"]: s["labels"] for s in rule["spec"]["subsets"]} == {
+        stable: {"serving.autoglm.io/revision": stable},
+        target: {"serving.autoglm.io/revision": target},
+    }
+    # The canary's pods carry its subset's label.
+    pods = kube.get("pods", None, "-l", f"serving.autoglm.io/revision={target}")["items"]
+    assert pods, "no canary pods"
+    env = {e["name"]: e["value"] for e in pods[0]["spec"]["containers"][0]["env"]}
+    assert env["AUTOGLM_MAX_BATCH_SIZE"] == "8"
+    # The Degraded condition of the missing-provider test is gone here.
+    assert kube.condition("mesh", "Degraded")["status"] == "False"  # type: ignore[index]
