@@ -289,7 +289,10 @@ def _loader_ref(loader: Callable[[Any], Any] | None) -> tuple[str, str, str | No
         return ("autoglm_server.engine.loader", "load_model", None)
     module = loader.__module__
     file = getattr(sys.modules.get(module), "__file__", None)
-    return (module, loader.__qualname__, file if module == "__main__" else None)
+    # A script's function (a benchmark's loader) is found by its file: the other
+    # ranks start with only the package on their path.
+    ours = module.startswith("autoglm_server.")
+    return (module, loader.__qualname__, None if ours else file)
 
 
 def _resolve_loader(ref: tuple[str, str, str | None]) -> Callable[[Any], Any]:
