@@ -74,6 +74,9 @@ class EngineConfig:
     # "layers": one decoder layer compiled and shared by all (glm9b warm-up 39 s
     # cold, 13.5 s warm); "decoder": one graph over the whole decoder (184 s)
     compile_scope: str = "layers"
+    # Launch each step before the previous step's tokens are read back, so the host's
+    # work (scheduling, detokenizing, streaming) overlaps the device's (engine.py).
+    pipeline: bool = True
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.kv_cache_memory_fraction <= 1.0:

@@ -3,11 +3,19 @@
 Threads and ownership
 ---------------------
 The asyncio event loop (the gRPC/HTTP front ends) calls :meth:`LLMEngine.generate`
-and :meth:`LLMEngine.abort`. ONE dedicated thread runs the step loop:
-``schedule() -> runner.execute() -> update() -> detokenize``, one step at a
-time, so the forward pass never blocks the event loop and never overlaps
-another. The scheduler is shared between the two and guarded by one lock,
-which is held only for book-keeping, never across a forward pass.
+and :meth:`LLMEngine.abort`. ONE dedicated thread runs the step loop, so the
+forward pass never blocks the event loop. The loop is pipelined by one step
+(``pipeline``, on): it schedules and launches step N+1 on the device *before*
+it reads step N's tokens back (``runner.launch`` / ``runner.collect``), so the
+host's work of a step (scheduling, packing, applying results, handing them
+on) runs while the device computes the next one, instead of leaving the GPU
+idle. A decode of step N+1 whose input token step N is still sampling carries
+``PENDING_TOKEN``; the runner reads it from the device. The scheduler does not
+run a request ahead when its pending token already ends it by length, or when
+it has a grammar (its matcher needs the token on the host); a request that
+stops on EOS or a stop string wastes one step's row, whose result is dropped.
+The scheduler is shared between the event loop and the step thread and guarded
+by one lock, which is held only for book-keeping, never across a forward pass.
 
 Each request has an ``asyncio.Queue``. The step thread does no text work: it
 hands each step's sampled token ids to a second thread, the *detokenizer*,
@@ -189,6 +197,8 @@ class LLMEngine:
         self._detok_queue: SimpleQueue[Callable[[], None] | None] = SimpleQueue()
         self._detok_thread: threading.Thread | None = None
         self._preemptions_seen = 0
+        # Launch step N+1 before reading step N's tokens back (needs runner.launch/collect).
+        self._pipelined = False
         self._tp: Any = None  # parallel.TensorParallelGroup when tensor_parallel_size > 1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = False
@@ -224,6 +234,7 @@ class LLMEngine:
             if self._tp is not None:
                 self._tp.stop(timeout_s=0.0)
             raise
+        self._pipelined = self.config.pipeline and hasattr(self._runner, "launch")
         self._loaded = loaded
         self._decoder = TokenDecoder(loaded.tokenizer)
         blocks = BlockManager(
@@ -432,6 +443,8 @@ class LLMEngine:
     # -- the step loop (engine thread) ----------------------------------------------------------
 
     def _run_loop(self) -> None:
+        """Schedule, launch, then finish the step launched before (see the module doc)."""
+        in_flight: tuple[SchedulerOutput, Any] | None = None
         try:
             while True:
                 while self._pending_aborts:
@@ -439,7 +452,9 @@ class LLMEngine:
                 with self._lock:
                     scheduler = self._scheduler
                     assert scheduler is not None
-                    while not self._stopping and not scheduler.has_unfinished():
+                    while (
+                        not self._stopping and in_flight is None and not scheduler.has_unfinished()
+                    ):
                         self._lock.wait()
                     if self._stopping:
                         return
@@ -448,22 +463,48 @@ class LLMEngine:
                     self._preemptions_seen = scheduler.num_preemptions
                 if preempted:
                     self.metrics.on_preemptions(preempted)
-                if sched.is_empty:
-                    if sched.freed_slots:
-                        self._runner.execute(sched)
-                    with self._lock:
-                        if not self._stopping:
-                            self._lock.wait(timeout=sched.wait_s if sched.wait_s else 0.005)
+                launched = self._launch(sched) if sched.seqs or sched.freed_slots else None
+                had_in_flight = in_flight is not None
+                if in_flight is not None:
+                    # While this step runs on the device: the previous step's results.
+                    self._finish_step(*in_flight)
+                    in_flight = None
+                if sched.seqs:
+                    if launched is not None:
+                        if self._pipelined:
+                            in_flight = (sched, launched[0])
+                        else:
+                            self._finish_step(sched, launched[0])
                     continue
-                self._step(sched)
+                if had_in_flight:
+                    continue  # its results may make the next schedule() possible
+                with self._lock:
+                    if not self._stopping:
+                        self._lock.wait(timeout=sched.wait_s if sched.wait_s else 0.005)
         except BaseException as exc:
             self._die(exc)
 
-    def _step(self, sched: SchedulerOutput) -> None:
+    def _launch(self, sched: SchedulerOutput) -> tuple[Any] | None:
+        """Queue the step on the device; None if that failed (its requests fail)."""
+        try:
+            if self._pipelined:
+                return (self._runner.launch(sched),)
+            return (self._runner.execute(sched),)
+        except EngineFatalError:
+            raise
+        except Exception as exc:
+            logger.exception(
+                "engine step %d failed; failing its %d requests", sched.step_id, len(sched.seqs)
+            )
+            self._fail_batch(sched, exc)
+            return None
+
+    def _finish_step(self, sched: SchedulerOutput, launched: Any) -> None:
+        """Wait for a launched step's tokens, apply them, hand them to the detokenizer."""
         scheduler = self._scheduler
         assert scheduler is not None
         try:
-            result = self._runner.execute(sched)
+            result = self._runner.collect(launched) if self._pipelined else launched
         except EngineFatalError:
             raise
         except Exception as exc:

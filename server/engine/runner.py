@@ -63,8 +63,8 @@ from .cuda_graphs import (
 )
 from .fusion import fuse_projections
 from .kv_cache import PagedKVCache, blocks_for_memory, bytes_per_block
-from .sampling import Sampler
-from .scheduler import RunnerOutput, ScheduledSeq, SchedulerOutput
+from .sampling import PackedStep, Sampler
+from .scheduler import PENDING_TOKEN, RunnerOutput, ScheduledSeq, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,8 @@ class ModelRunner:
             self.kv.k, self.kv.v, self.block_tables, block_size, self.backend, None
         )
         self.sampler = Sampler(num_slots, self.vocab_size, device)
+        # Each slot's last sampled token, where a PENDING_TOKEN decode input is read.
+        self._last_tokens = torch.zeros(num_slots, dtype=torch.int64, device=device)
 
         # torch.compile runs on CUDA only (on CPU it would only slow the start down).
         want_compile = device.type == "cuda" and (compile is None or compile)
@@ -326,15 +328,33 @@ class ModelRunner:
 
     # -- one step ------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         """Run one forward pass over the scheduled tokens and sample where asked."""
+        return self.collect(self.launch(sched))
+
+    def collect(self, step: PackedStep | None) -> RunnerOutput:
+        """Wait for a launched step's sampled tokens (the step's one host sync)."""
+        if step is None:
+            return RunnerOutput(sampled_token_ids=[])
+        ids, logprobs = self.sampler.unpack(step)
+        return RunnerOutput(
+            sampled_token_ids=ids, logprobs=logprobs, non_finite_rows=self.sampler.non_finite_rows
+        )
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> PackedStep | None:
+        """Queue one forward pass and its sampling on the device; no host sync.
+
+        Decode inputs that are :data:`PENDING_TOKEN` (sampled by the step before,
+        whose result the host has not read yet) are taken from each slot's last
+        sampled token on the device. :meth:`collect` returns the result.
+        """
         self.sampler.free(sched.freed_slots)
         for slot in sched.freed_slots:
             self._tables[slot] = []
         seqs = sched.seqs
         if not seqs:
-            return RunnerOutput(sampled_token_ids=[])
+            return None
         self.sampler.admit(seqs)
         set_context(self._ctx)
         try:
@@ -373,7 +393,7 @@ class ModelRunner:
         if n:
             self.block_tables[upd[:n], upd[n : 2 * n]] = upd[2 * n :].to(torch.int32)
 
-    def _execute_eager(self, seqs: list[ScheduledSeq]) -> RunnerOutput:
+    def _execute_eager(self, seqs: list[ScheduledSeq]) -> PackedStep | None:
         """Any mix of decodes and prefill chunks, one packed forward pass."""
         updates = self._table_updates(seqs)
         input_ids: list[int] = []
@@ -389,10 +409,15 @@ class ModelRunner:
         any_prefix = False
         seen_slots: list[int] = []  # (slot, token) pairs for the repetition penalty
         seen_tokens: list[int] = []
+        pending_index: list[int] = []  # packed rows whose input is PENDING_TOKEN, and slots
+        pending_slots: list[int] = []
         counting_decodes = True
         for seq in seqs:
             n = len(seq.token_ids)
             start = len(input_ids)
+            if seq.token_ids[0] == PENDING_TOKEN:
+                pending_index.append(start)
+                pending_slots.append(seq.slot)
             input_ids.extend(seq.token_ids)
             positions.extend(range(seq.start_pos, seq.start_pos + n))
             slot_mapping.extend(
@@ -441,6 +466,8 @@ class ModelRunner:
             seen_slots,
             seen_tokens,
             updates,
+            pending_index,
+            pending_slots,
         ]
         packed = self._to_device(parts)
         offsets = [0]
@@ -460,7 +487,11 @@ class ModelRunner:
             seen_slots_t,
             seen_tokens_t,
             updates_t,
+            pending_index_t,
+            pending_slots_t,
         ) = (packed[offsets[i] : offsets[i + 1]] for i in range(len(parts)))
+        if pending_index:
+            ids_t[pending_index_t] = self._last_tokens[pending_slots_t]
         self._apply_table_updates(updates_t)
         if seen_slots:
             self.sampler.mark_seen(seen_slots_t, seen_tokens_t)
@@ -481,11 +512,10 @@ class ModelRunner:
         )
         if not B:
             self._logits(ids_t, pos_t, sample_index_t)
-            return RunnerOutput(sampled_token_ids=[])
+            return None
         logits = self._logits(ids_t, pos_t, sample_index_t)
         rows = [s for s in seqs if s.sample]
-        tokens = self._sample(logits, rows, sample_slots_t)
-        return self._output(tokens)  # the one sync of the step
+        return self._sample(logits, rows, sample_slots_t)
 
     def _to_device(self, parts: list[list[int]]) -> torch.Tensor:
         flat: list[int] = []
@@ -518,7 +548,7 @@ class ModelRunner:
         set_context(self._ctx)
         return self._logits(inputs[IDS], inputs[POSITIONS], None)
 
-    def _execute_graph(self, graph: DecodeGraph, seqs: list[ScheduledSeq]) -> RunnerOutput:
+    def _execute_graph(self, graph: DecodeGraph, seqs: list[ScheduledSeq]) -> PackedStep | None:
         rows = graph.rows
         updates = self._table_updates(seqs)
         n = len(seqs)
@@ -547,6 +577,9 @@ class ModelRunner:
             cols[SEQ_LENS].extend([0] * pad)
         packed = self._to_device([*cols, sample_slots, prompt_slots, prompt_tokens, updates])
         graph.inputs.copy_(packed[: 5 * rows].view(5, rows))
+        if PENDING_TOKEN in cols[IDS]:
+            ids = graph.inputs[IDS]
+            ids.copy_(torch.where(ids < 0, self._last_tokens[graph.inputs[ROW_SLOTS]], ids))
         rest = packed[5 * rows :]
         n_sample, n_prompt = len(sample_slots), len(prompt_slots)
         slots_t = rest[:n_sample]
@@ -558,7 +591,7 @@ class ModelRunner:
         self._apply_table_updates(rest[n_sample + 2 * n_prompt :])
         graph.graph.replay()
         if not sample_slots:
-            return RunnerOutput(sampled_token_ids=[])
+            return None
         every_row = n_sample == rows
         if every_row:
             logits = graph.logits
@@ -567,24 +600,20 @@ class ModelRunner:
             logits = (
                 graph.logits[:n_sample]
                 if sample_rows == list(range(n_sample))
-                else graph.logits[torch.tensor(sample_rows, device=self.device)]
+                else graph.logits[self._to_device([sample_rows])]
             )
         rows_seqs = [s for s in seqs if s.sample]
-        tokens = self._sample(logits, rows_seqs, slots_t)
-        return self._output(tokens)
+        return self._sample(logits, rows_seqs, slots_t)
 
     # -- sampling --------------------------------------------------------------------------------
 
     def _sample(
         self, logits: torch.Tensor, rows: list[ScheduledSeq], slots: torch.Tensor
-    ) -> torch.Tensor:
-        return self.sampler.sample(logits, rows, slots)
-
-    def _output(self, tokens: torch.Tensor) -> RunnerOutput:
-        ids, logprobs = self.sampler.to_host(tokens)
-        return RunnerOutput(
-            sampled_token_ids=ids, logprobs=logprobs, non_finite_rows=self.sampler.non_finite_rows
-        )
+    ) -> PackedStep:
+        """Sample, remember each slot's token on the device, start the copy to the host."""
+        tokens = self.sampler.sample(logits, rows, slots)
+        self._last_tokens[slots] = tokens
+        return self.sampler.pack(tokens)
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -19,13 +19,16 @@ draw.
   token it was given from the next step's decode input (the host has it then),
   so accepting costs no extra sync either.
 - Top-k uses ``torch.topk`` (a partial selection, not a full-vocabulary sort);
-  top-p still sorts, but only when a row asks for it.
+  so does top-p: the threshold comes from the 1,024 most likely tokens, or for
+  a flatter row from a one-pass histogram of the rest (no sort, no host sync).
 - Draws use the exponential-race trick (argmax of p / E with E ~ Exp(1)),
   which samples from p exactly and lets every seeded request fill its own row
   of noise from its own generator, so a seeded request's output does not
   depend on what else is in the batch.
-- :meth:`Sampler.to_host` reads the step's tokens (and logprobs, packed into
-  the same tensor) back with one copy: the one sync of the step.
+- :meth:`Sampler.pack` starts the copy of the step's tokens (and logprobs,
+  packed into the same tensor) to pinned host memory, and :meth:`Sampler.unpack`
+  waits for it: the one sync of the step, which the engine defers until the
+  next step is launched.
 - Non-finite logits (a broken model: NaN or inf) are found with one reduction
   per step on the device (a row sum is finite only if every logit is); a bad
   row's token is sent back as ``-1 - token`` in the same copy, so finding them
@@ -55,6 +58,9 @@ from .scheduler import ScheduledSeq
 _PARALLEL_FILL_ROWS = 16
 _FILL_THREADS = max(1, min(4, os.cpu_count() or 1))  # xgrammar warns above the core count
 _MAX_PARKED = 256  # freed requests whose generator / matcher are kept (preemption)
+# Top-p without sorting the vocabulary (see Sampler._apply_top_p).
+_TOP_P_CANDIDATES = 1024
+_TOP_P_BUCKETS = 1024
 
 
 @dataclass(slots=True)
@@ -73,6 +79,15 @@ class _SamplingRows:
     grammar_rows: list[int]  # rows with a grammar matcher
     logprob_k: list[int]  # per row: -1 no logprobs, else the number of alternatives
     max_top_k: int  # the largest top_k among sampled rows (host value: no sync)
+
+
+@dataclass(slots=True)
+class PackedStep:
+    """A step's sampled tokens (or logprob table) on their way to the host."""
+
+    data: torch.Tensor  # pinned host tensor being filled (CUDA), or the tensor itself
+    ks: list[int] | None  # per row logprob alternatives (-1: none); None: tokens only
+    event: Any  # torch.cuda.Event recorded after the copy, None off CUDA
 
 
 class Sampler:
@@ -143,8 +158,9 @@ class Sampler:
             ],
             dtype=torch.float32,
         )
-        slots_d = slots.to(self.device)
-        params_d = params.to(self.device)
+        # Pinned and non-blocking: a pageable copy would wait for the step in flight.
+        slots_d = _to_device(slots, self.device)
+        params_d = _to_device(params, self.device)
         self._temperature[slots_d] = params_d[:, 0]
         self._top_p[slots_d] = params_d[:, 1]
         self._penalty[slots_d] = params_d[:, 2]
@@ -199,8 +215,8 @@ class Sampler:
             self._bias = torch.zeros(
                 self.num_slots, self.vocab_size, dtype=torch.float32, device=self.device
             )
-        ids = torch.tensor([t for t, _ in pairs], dtype=torch.int64).to(self.device)
-        values = torch.tensor([b for _, b in pairs], dtype=torch.float32).to(self.device)
+        ids = _to_device(torch.tensor([t for t, _ in pairs], dtype=torch.int64), self.device)
+        values = _to_device(torch.tensor([b for _, b in pairs], dtype=torch.float32), self.device)
         self._bias[seq.slot, ids] = values
         self._biased.add(seq.slot)
 
@@ -263,25 +279,47 @@ class Sampler:
 
     def to_host(self, tokens: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None] | None]:
         """The step's token ids, and logprobs per row where asked: one device->host copy."""
+        return self.unpack(self.pack(tokens))
+
+    def pack(self, tokens: torch.Tensor) -> PackedStep:
+        """Start the step's one device->host copy (tokens, or the logprob table); no sync.
+
+        Call right after :meth:`sample`; :meth:`unpack` waits for the copy. Between
+        the two the next step can already be launched (the engine's pipeline).
+        """
         packed = self._logprobs
         self._logprobs = None
         finite, self._finite = self._finite, None
-        self.non_finite_rows = []
+        ks: list[int] | None = None
         if packed is None:
+            data = tokens if finite is None else torch.where(finite, tokens, -1 - tokens)
+        else:
+            data, ks = packed
             if finite is not None:
-                tokens = torch.where(finite, tokens, -1 - tokens)
-            ids = [int(t) for t in tokens.tolist()]
+                data[:, 0] = torch.where(finite, data[:, 0], -1 - data[:, 0])
+        if data.device.type != "cuda":
+            return PackedStep(data, ks, None)
+        host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+        host.copy_(data, non_blocking=True)
+        event: Any = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record()
+        return PackedStep(host, ks, event)
+
+    def unpack(self, step: PackedStep) -> tuple[list[int], list[TokenLogprob | None] | None]:
+        """Wait for :meth:`pack`'s copy and decode it (sets ``non_finite_rows``)."""
+        if step.event is not None:
+            step.event.synchronize()  # the step's one wait (the GIL is released)
+        self.non_finite_rows = []
+        if step.ks is None:
+            ids = [int(t) for t in step.data.tolist()]
             if min(ids, default=0) < 0:
                 self.non_finite_rows = [i for i, t in enumerate(ids) if t < 0]
                 ids = [t if t >= 0 else -1 - t for t in ids]
             return ids, None
-        table, ks = packed
-        if finite is not None:
-            table[:, 0] = torch.where(finite, table[:, 0], -1 - table[:, 0])
-        host = table.tolist()  # [B, 2 + 2 * kmax]: token, logprob, top ids, top logprobs
+        host = step.data.tolist()  # [B, 2 + 2 * kmax]: token, logprob, top ids, top logprobs
         ids = []
         out: list[TokenLogprob | None] = []
-        for i, (row, k) in enumerate(zip(host, ks, strict=True)):
+        for i, (row, k) in enumerate(zip(host, step.ks, strict=True)):
             token = int(row[0])
             if token < 0:
                 self.non_finite_rows.append(i)
@@ -413,18 +451,45 @@ class Sampler:
     def _apply_top_p(self, logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Keep each row's smallest set of most likely tokens whose mass reaches top_p.
 
-        This one sorts the row (only when a row of the step asks for top-p). A
-        sort-free bisection on the probability threshold was tried: on CPU it
-        was slower than the sort, and it was not measured on a GPU.
+        No sort of the vocabulary: the nucleus is ``probs >= threshold``, and the
+        threshold comes from the row's ``_TOP_P_CANDIDATES`` most likely tokens
+        (``topk``, a partial selection) when their mass reaches top_p (exact;
+        tokens tied with the last one kept are kept too). A flatter row, whose
+        nucleus is larger than that, also gets the mass of the rest in
+        ``_TOP_P_BUCKETS`` equal buckets between the row's least likely token and
+        the last candidate (one pass, ``scatter_add``), and keeps the buckets from
+        the top down to the one where the mass reaches top_p: at most that one
+        bucket's tokens more than the exact nucleus. Branch-free: no
+        host sync, whatever the rows are.
         """
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
         top_p = self._top_p[slots].unsqueeze(1)
-        probs = sorted_logits.softmax(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop = mass_before >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        k = min(probs.shape[1], _TOP_P_CANDIDATES)
+        cand = probs.topk(k, dim=-1).values  # [B, k], descending
+        mass_before = cand.cumsum(dim=-1) - cand
+        inside = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp(min=1)
+        threshold = cand.gather(1, inside - 1)
+        if k < probs.shape[1]:
+            last = cand[:, -1:]  # the least likely candidate
+            need = top_p - (mass_before[:, -1:] + last)  # > 0: the nucleus goes past it
+            nb = _TOP_P_BUCKETS
+            low = probs.amin(dim=-1, keepdim=True)
+            width = ((last - low) / nb).clamp(min=1e-30)
+            bucket = ((probs - low) / width).clamp(max=nb - 1).long()
+            bucket = torch.where(probs < last, bucket, nb)  # candidates: out of the way
+            hist = torch.zeros(probs.shape[0], nb + 1, device=probs.device, dtype=probs.dtype)
+            hist.scatter_add_(1, bucket, probs)
+            from_top = hist[:, :nb].flip(-1).cumsum(dim=-1)  # mass of the j+1 highest buckets
+            j = (from_top < need).sum(dim=-1, keepdim=True).clamp(max=nb - 1)
+            edge = low + (nb - 1 - j).to(probs.dtype) * width
+            threshold = torch.where(need > 0, edge, threshold)
+        return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _allow_only(bitmask: torch.Tensor, row: int, token_ids: list[int]) -> None:

@@ -45,6 +45,9 @@ from .block_manager import BlockManager
 from .config import BatchingConfig
 
 DEFAULT_BLOCK_SIZE = 16
+# The input of a decode whose token was sampled by a step still in flight: the
+# runner reads it from the device (each slot's last sampled token).
+PENDING_TOKEN = -1
 
 
 @dataclass(slots=True)
@@ -65,10 +68,18 @@ class RequestState:
     num_blocks_sent: int = 0  # entries of block_table the runner has been given
     num_cached_tokens: int = 0  # tokens of full blocks registered with the prefix cache
     num_preemptions: int = 0
+    # Tokens sampled by a step that was launched but whose result update() has not
+    # applied yet (0 or 1): the next step can already decode them (PENDING_TOKEN).
+    num_pending: int = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_ahead(self) -> int:
+        """Tokens including the one still in flight."""
+        return self.num_tokens + self.num_pending
 
     @property
     def prefill_target(self) -> int:
@@ -109,6 +120,9 @@ class ScheduledSeq:
     # When is_new after a preemption: the tokens the request generated before it,
     # so the sampler's presence/frequency counts start from them, not from zero.
     output_token_ids: list[int] = field(default_factory=list)
+    # The request's preemption count when scheduled: update() drops the result of a
+    # step that ran before a preemption, even if the request got its slot back.
+    epoch: int = 0
 
 
 @dataclass(slots=True)
@@ -213,8 +227,11 @@ class Scheduler:
     def abort_request(self, request_id: str) -> RequestState | None:
         """Remove a request wherever it is and free its slot. Returns None if unknown.
 
-        The engine calls this only between steps, so a slot is never freed under
-        a forward pass that still writes to it.
+        A step in flight may still write the request's K/V into the freed blocks:
+        the device runs steps in order, so a later request given those blocks
+        writes after it, and blocks are never shared while being written (only
+        full, computed blocks enter the prefix cache). The runner sees slot
+        changes in step order (``freed_slots``, ``is_new``).
         """
         return self._finish(request_id, FinishReason.ABORT)
 
@@ -248,6 +265,7 @@ class Scheduler:
         del self._running[state.request_id]
         self._release(state)
         state.num_computed_tokens = 0
+        state.num_pending = 0  # a token still in flight is dropped and recomputed
         state.num_preemptions += 1
         self.num_preemptions += 1
         self._waiting[state.priority].appendleft(state)
@@ -269,25 +287,31 @@ class Scheduler:
         for state in order:
             if budget <= 0:
                 break
-            if state.slot < 0 or not state.output_token_ids:
+            if state.slot < 0 or not (state.output_token_ids or state.num_pending):
                 continue
             if state.num_computed_tokens < state.prefill_target:
                 continue
-            if not self._grow(state, state.num_tokens, order, scheduled):
+            if state.num_pending and not self._can_run_ahead(state):
+                continue
+            total = state.num_tokens_ahead
+            if not self._grow(state, total, order, scheduled):
                 continue  # preempted itself
             decodes.append(
                 ScheduledSeq(
                     request_id=state.request_id,
                     slot=state.slot,
-                    token_ids=[state.output_token_ids[-1]],
-                    start_pos=state.num_tokens - 1,
+                    token_ids=[PENDING_TOKEN if state.num_pending else state.output_token_ids[-1]],
+                    start_pos=total - 1,
                     sample=True,
                     is_new=False,
                     params=state.params,
                     is_prefill=False,
                     new_blocks=self._new_blocks(state),
+                    epoch=state.num_preemptions,
                 )
             )
+            state.num_computed_tokens = total
+            state.num_pending += 1
             scheduled.add(state.request_id)
             budget -= 1
 
@@ -303,6 +327,7 @@ class Scheduler:
             if not self._grow(state, seq.start_pos + len(seq.token_ids), order, scheduled):
                 continue
             seq.new_blocks = self._new_blocks(state)
+            self._launched(state, seq)
             prefills.append(seq)
             scheduled.add(state.request_id)
             budget -= len(seq.token_ids)
@@ -349,6 +374,27 @@ class Scheduler:
             self._preempt(victim)
         return True
 
+    def _can_run_ahead(self, state: RequestState) -> bool:
+        """Whether a request whose last token is still in flight can decode again now.
+
+        Not when that token already ends it by length (no step is wasted on it),
+        and not with a grammar, whose matcher must see the token on the host first.
+        """
+        if state.params.grammar is not None:
+            return False
+        return (
+            len(state.output_token_ids) + state.num_pending < state.params.max_new_tokens
+            and state.num_tokens_ahead < self.max_model_len
+        )
+
+    @staticmethod
+    def _launched(state: RequestState, seq: ScheduledSeq) -> None:
+        """Book a scheduled prefill chunk as computed (the next chunk can follow at once)."""
+        seq.epoch = state.num_preemptions
+        state.num_computed_tokens = seq.start_pos + len(seq.token_ids)
+        if seq.sample:
+            state.num_pending += 1
+
     def _new_blocks(self, state: RequestState) -> list[int]:
         new = state.block_table[state.num_blocks_sent :]
         state.num_blocks_sent = len(state.block_table)
@@ -390,6 +436,7 @@ class Scheduler:
                 seq.new_blocks = self._new_blocks(state)
                 if hit:
                     seq.cached_token_ids = state.token_ids(0, hit)
+                self._launched(state, seq)
                 self._running[state.request_id] = state
                 prefills.append(seq)
                 budget -= len(seq.token_ids)
@@ -435,18 +482,21 @@ class Scheduler:
             token = next(sampled) if seq.sample else -1
             logprob = next(logprobs) if seq.sample and logprobs is not None else None
             state = self._running.get(seq.request_id)
-            if state is None or state.slot != seq.slot:
-                continue  # aborted or preempted while the step ran: its result is dropped
-            state.num_computed_tokens = seq.start_pos + len(seq.token_ids)
-            if state.num_computed_tokens // bs > state.num_cached_tokens // bs:
+            if state is None or state.slot != seq.slot or state.num_preemptions != seq.epoch:
+                continue  # aborted or preempted since it was scheduled: its result is dropped
+            # The K/V of tokens [0, end) are now in the cache (a later step may be in
+            # flight already: num_computed_tokens can be ahead of this).
+            end = seq.start_pos + len(seq.token_ids)
+            if end // bs > state.num_cached_tokens // bs:
                 state.num_cached_tokens = self.blocks.cache_full_blocks(
-                    state.token_ids(0, state.num_computed_tokens),
+                    state.token_ids(0, end),
                     state.block_table,
                     state.num_cached_tokens,
-                    state.num_computed_tokens,
+                    end,
                 )
             if not seq.sample:
                 continue
+            state.num_pending -= 1
             state.output_token_ids.append(token)
             reason: FinishReason | None = None
             if token in state.eos_token_ids:

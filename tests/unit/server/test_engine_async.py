@@ -279,18 +279,19 @@ async def test_seeded_requests_reproduce_through_the_engine(engine: LLMEngine) -
     assert [d.token_ids for d in a] == [d.token_ids for d in b]
 
 
-async def test_step_failure_fails_only_that_batch(engine: LLMEngine) -> None:
+@pytest.mark.parametrize("phase", ["launch", "collect"])
+async def test_step_failure_fails_only_that_batch(engine: LLMEngine, phase: str) -> None:
     runner = engine._runner
-    original = runner.execute
+    original = getattr(runner, phase)
     calls = {"n": 0}
 
-    def flaky(sched: Any) -> Any:
-        if sched.seqs and calls["n"] == 0:
+    def flaky(arg: Any) -> Any:
+        if arg is not None and calls["n"] == 0 and (phase == "collect" or arg.seqs):
             calls["n"] += 1
             raise RuntimeError("simulated CUDA error")
-        return original(sched)
+        return original(arg)
 
-    runner.execute = flaky
+    setattr(runner, phase, flaky)
     with pytest.raises(EngineStepError):
         await collect(engine, request("doomed", [5, 6]))
     assert engine.is_ready()

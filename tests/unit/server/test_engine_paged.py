@@ -149,6 +149,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from autoglm_server.engine.runner import ModelRunner  # noqa: E402
+from autoglm_server.engine.scheduler import PENDING_TOKEN  # noqa: E402
 
 SHARED = list(range(100, 148))  # 3 full blocks of 16
 PROMPTS = [
@@ -176,20 +177,35 @@ def drive(
     budget: int = 8192,
     num_blocks: int | None = None,
     max_batch: int = 8,
+    pipelined: bool = False,
 ) -> tuple[dict[str, list[int]], Scheduler]:
+    """Run PROMPTS through a scheduler and the runner like the engine's loop does.
+
+    ``pipelined``: as the engine does by default, launch each step before the
+    previous step's tokens are read back and applied (its decodes then feed
+    PENDING_TOKEN, which the runner takes from the device).
+    """
     blocks = BlockManager(num_blocks or runner.num_blocks, runner.block_size, prefix_caching=prefix)
     config = BatchingConfig(max_batch_size=max_batch, max_batch_tokens=budget)
     sched = Scheduler(config, runner.max_model_len, blocks=blocks)
     outputs: dict[str, list[int]] = {}
     pending = list(enumerate(PROMPTS))
-    while pending or sched.has_unfinished():
+    in_flight: tuple[Any, Any] | None = None
+    while pending or sched.has_unfinished() or in_flight is not None:
         if pending and not (stagger and sched.num_waiting):
             i, prompt = pending.pop(0)
             sched.add_request(GenerationRequest(str(i), prompt, params, arrival_time=1.0 + i))
             outputs[str(i)] = []
         step = sched.schedule()
-        for out in sched.update(step, runner.execute(step)):
-            outputs[out.request_id] += out.new_token_ids
+        if not pipelined:
+            for out in sched.update(step, runner.execute(step)):
+                outputs[out.request_id] += out.new_token_ids
+            continue
+        launched = runner.launch(step)
+        if in_flight is not None:
+            for out in sched.update(in_flight[0], runner.collect(in_flight[1])):
+                outputs[out.request_id] += out.new_token_ids
+        in_flight = (step, launched) if step.seqs else None
     return outputs, sched
 
 
@@ -226,6 +242,39 @@ def test_greedy_with_prefix_hits_and_preemption_equals_one_at_a_time(
     squeezed, sched = drive(runner, GREEDY, budget=8, num_blocks=10)
     assert sched.num_preemptions > 0
     assert squeezed == alone
+
+
+def test_pipelined_steps_give_the_same_tokens(runner: ModelRunner) -> None:
+    """Each step launched before the previous one's tokens are applied (the engine's
+    default): prefix hits, chunked prefill and preemption of requests in flight."""
+    alone, _ = drive(runner, GREEDY, prefix=False, max_batch=1)
+    launch = runner.launch
+    fed_pending = []
+
+    def spy(step: Any) -> Any:
+        fed_pending.extend(s for s in step.seqs if s.token_ids == [PENDING_TOKEN])
+        return launch(step)
+
+    runner.launch = spy  # type: ignore[method-assign]
+    try:
+        batched, _ = drive(runner, GREEDY, pipelined=True)
+    finally:
+        runner.launch = launch  # type: ignore[method-assign]
+    assert fed_pending  # decodes ran before their input token reached the host
+    assert batched == alone
+    hits, sched = drive(runner, GREEDY, stagger=True, pipelined=True)
+    assert sched.blocks.stats.hit_tokens == 96
+    assert hits == alone
+    squeezed, sched = drive(runner, GREEDY, budget=8, num_blocks=10, pipelined=True)
+    assert sched.num_preemptions > 0
+    assert squeezed == alone
+    # With penalties the device's per-slot state must also see the pending tokens.
+    params = SamplingParams(
+        max_new_tokens=10, temperature=0.0, repetition_penalty=5.0, ignore_eos=True
+    )
+    plain, _ = drive(runner, params, prefix=False, max_batch=1)
+    piped, _ = drive(runner, params, stagger=True, pipelined=True)
+    assert piped == plain
 
 
 def test_repetition_penalty_counts_prefix_hits_as_seen(runner: ModelRunner) -> None:

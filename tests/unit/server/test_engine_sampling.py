@@ -193,3 +193,30 @@ def test_top_p_without_a_sort_keeps_the_nucleus(device: str) -> None:
     want = torch.zeros_like(kept).scatter_(1, order, before < top_p.unsqueeze(1))
     assert torch.equal(kept, want)
     assert kept.sum(-1).tolist()[3] >= 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_p_beyond_the_candidates_keeps_the_nucleus_within_one_bucket(device: str) -> None:
+    """Rows whose nucleus has more tokens than the topk candidates (flat rows of a large
+    vocabulary): the kept set contains the exact nucleus and hardly more; peaked rows
+    of the same vocabulary stay exact."""
+    vocab = 20_000
+    s = Sampler(4, vocab, torch.device(device))
+    gen = torch.Generator().manual_seed(1)
+    scale = torch.tensor([[0.3], [1.0], [6.0], [0.05]])
+    logits = (torch.randn(4, vocab, generator=gen) * scale).to(device)
+    top_p = torch.tensor([0.9, 0.95, 0.8, 0.5], device=device)
+    slots = torch.arange(4, device=device)
+    s._top_p[slots] = top_p
+    kept = s._apply_top_p(logits, slots) > float("-inf")
+    probs = logits.softmax(-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs
+    want = torch.zeros_like(kept).scatter_(1, order, before < top_p.unsqueeze(1))
+    n_want = want.sum(-1)
+    assert n_want[0] > 1024 and n_want[1] > 1024 and n_want[3] > 1024  # past the candidates
+    assert n_want[2] < 1024
+    assert bool((kept | ~want).all())  # every token of the nucleus is kept
+    extra_mass = (probs * (kept & ~want)).sum(-1)
+    assert extra_mass.max().item() < 2e-3, extra_mass
+    assert torch.equal(kept[2], want[2])

@@ -292,3 +292,42 @@ def test_a_queue_of_one_admits_with_free_slots() -> None:
     sched, _ = make(max_batch_size=2, max_queue_length=1)
     sched.add_request(GenerationRequest("a", [1, 2], SamplingParams(max_new_tokens=2)), [EOS])
     assert sched.schedule().seqs[0].request_id == "a"
+
+
+# -- pipelined steps (the engine launches step N+1 before applying step N) ----------------------
+
+
+def test_a_step_can_be_scheduled_while_the_previous_one_is_in_flight() -> None:
+    from autoglm_server.engine.scheduler import PENDING_TOKEN
+
+    sched, runner = make(max_batch_size=2, max_batch_tokens=64)
+    sched.add_request(make_request("a", n_prompt=4, max_new=3))
+    first = sched.schedule()  # the prompt; samples token 1
+    second = sched.schedule()  # before first's result: decodes the pending token
+    assert [s.token_ids for s in second.seqs] == [[PENDING_TOKEN]]
+    assert second.seqs[0].start_pos == 4
+    third = sched.schedule()  # and again (the device feeds each step the one before's)
+    assert [(s.token_ids, s.start_pos) for s in third.seqs] == [([PENDING_TOKEN], 5)]
+    assert sched.schedule().is_empty  # a fourth token would pass max_new_tokens: not run
+    runner.next_token["a"] = 11
+    (out,) = sched.update(first, runner.execute(first))
+    assert out.new_token_ids == [11] and out.finish_reason is None
+    sched.update(second, runner.execute(second))
+    assert sched.schedule().is_empty
+    (out,) = sched.update(third, runner.execute(third))
+    assert out.finish_reason is FinishReason.LENGTH
+    assert sched.get("a") is None and not sched.has_unfinished()
+
+
+def test_a_result_from_before_a_preemption_is_dropped_even_in_the_same_slot() -> None:
+    sched, runner = make(max_batch_size=1, max_batch_tokens=64)
+    state = sched.add_request(make_request("a", n_prompt=4, max_new=8))
+    first = sched.schedule()
+    sched.update(first, runner.execute(first))
+    in_flight = sched.schedule()  # decodes token 2 at position 4 ...
+    sched._preempt(state)  # ... and is preempted before its result arrives
+    again = sched.schedule()  # readmitted at once, in the same slot, recomputing
+    assert again.seqs[0].is_new and again.seqs[0].slot == in_flight.seqs[0].slot
+    runner.next_token["a"] = 99
+    assert sched.update(in_flight, runner.execute(in_flight)) == []
+    assert state.output_token_ids == [7]
