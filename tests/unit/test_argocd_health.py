@@ -1,4 +1,5 @@
-"""The Argo CD health check (Lua) maps conditions to Healthy/Progressing/Degraded.
+"""The Argo CD health check (Lua) maps conditions and the canary phase to
+Healthy/Progressing/Suspended/Degraded.
 Run in a real Lua interpreter (lupa), the way Argo CD runs it."""
 
 from __future__ import annotations
@@ -59,6 +60,70 @@ def _c(type_: str, status: str, reason: str = "R", message: str = "m") -> dict[s
 def test_health_from_conditions(obj: dict[str, Any], expected: str) -> None:
     status, _ = _health(obj)
     assert status == expected
+
+
+READY = _c("Ready", "True", "ReplicasReady", "2/2 replicas ready")
+NOT_DEGRADED = _c("Degraded", "False", "AsExpected", "all is as expected")
+
+
+def _canary(phase: str, reason: str = "R", *, ready: dict[str, str] = READY) -> dict[str, Any]:
+    obj = _obj(3, 3, ready, NOT_DEGRADED)
+    obj["status"]["canary"] = {
+        "phase": phase,
+        "reason": reason,
+        "message": f"{phase} message",
+        "weight": 20,
+        "stableRevision": "aaaaaaaa",
+        "canaryRevision": "bbbbbbbb",
+    }
+    return obj
+
+
+def _stale_canary() -> dict[str, Any]:
+    obj = _canary("Promoted")
+    obj["metadata"]["generation"] = 4
+    return obj
+
+
+# Every phase of the rollout, and the states around it.
+PHASES = [
+    ("Progressing", "CanaryStarted", "Progressing"),
+    ("Analyzing", "Analyzing", "Progressing"),
+    ("Promoting", "Promoting", "Progressing"),
+    ("Promoted", "Promoted", "Healthy"),
+    ("Promoted", "RolledBackTo", "Healthy"),  # rollbackTo done: the asked revision serves
+    ("Paused", "PauseStep", "Suspended"),
+    ("Paused", "PausedBySpec", "Suspended"),
+    ("Paused", "AnalysisFailedPaused", "Suspended"),
+    ("Paused", "AwaitingPromotion", "Suspended"),
+    ("RollingBack", "AnalysisFailed", "Degraded"),
+    ("RolledBack", "AnalysisFailed", "Degraded"),
+    ("RolledBack", "Aborted", "Degraded"),
+    ("Failed", "CanaryNotReady", "Degraded"),
+    ("RolledBack", "CanaryRemoved", "Healthy"),  # the spec dropped it: nothing failed
+]
+
+
+@pytest.mark.parametrize(("phase", "reason", "expected"), PHASES)
+def test_health_of_every_canary_phase(phase: str, reason: str, expected: str) -> None:
+    status, message = _health(_canary(phase, reason))
+    assert status == expected
+    if expected != "Healthy":
+        assert f"{phase} message" in message
+
+
+def test_a_stale_observed_generation_is_progressing_whatever_the_phase() -> None:
+    assert _health(_stale_canary())[0] == "Progressing"
+
+
+def test_scaled_to_zero_on_purpose_is_suspended() -> None:
+    obj = _obj(1, 1, _c("Ready", "False", "ScaledToZero", "scaled to zero"), NOT_DEGRADED)
+    assert _health(obj) == ("Suspended", "scaled to zero")
+
+
+def test_a_failed_canary_wins_over_a_ready_stable() -> None:
+    status, message = _health(_canary("Failed", "CanaryNotReady"))
+    assert status == "Degraded" and message.startswith("Canary Failed")
 
 
 def test_invalid_spec_message_reaches_argo() -> None:
