@@ -54,6 +54,7 @@ import datetime
 import logging
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -489,6 +490,10 @@ def _watch_parent(parent_pid: int) -> None:
 
 def worker_main(argv: list[str]) -> int:
     rank, world, port, parent = (int(a) for a in argv[:4])
+    # Rank 0 decides when the ranks stop (a terminal's Ctrl-C reaches the whole
+    # process group; a drain must not lose its ranks mid-way).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s"
     )

@@ -158,3 +158,14 @@ def test_a_killed_rank_0_ends_the_other_ranks(server: TPServer) -> None:
             os.kill(rank1, signal.SIGKILL)
             pytest.fail(f"rank 1 still running {EXIT_LIMIT_S} s after rank 0 died")
         time.sleep(0.1)
+
+
+def test_sigterm_drains_and_stops_every_rank_with_exit_0(server: TPServer) -> None:
+    rank1 = server.rank1_pid()
+    server.proc.send_signal(signal.SIGTERM)  # to rank 0 only, as the kubelet sends it
+    try:
+        code = server.proc.wait(timeout=EXIT_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"no exit {EXIT_LIMIT_S} s after SIGTERM:\n{server.log()}")
+    assert code == 0, server.log()
+    assert _gone(rank1)
