@@ -485,11 +485,23 @@ _OWN_KEYS = frozenset(
 
 def compute_merge_patch(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """A JSON merge patch for the status subresource: set new values, null what went away."""
-    patch: dict[str, Any] = {k: v for k, v in new.items() if previous.get(k) != v}
+    patch: dict[str, Any] = {
+        k: _merge_diff(previous.get(k), v) for k, v in new.items() if previous.get(k) != v
+    }
     for k in previous:
         if k in _OWN_KEYS and k not in new:
             patch[k] = None
     return patch
+
+
+def _merge_diff(old: Any, new: Any) -> Any:
+    """The merge patch from ``old`` to ``new``: maps key by key (null for a key that went
+    away, which a plain merge would keep), anything else replaced whole."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    out = {k: _merge_diff(old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    out.update({k: None for k in old if k not in new})
+    return out
 
 
 # ---- events ------------------------------------------------------------------------------

@@ -90,6 +90,19 @@ def fields_of(value: Any, top: bool = True) -> dict[str, Any]:
     return out
 
 
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies it."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
 class FakeKube(KubeApi):
     """KubeApi with the transport replaced: an in-memory store, every request recorded.
 
@@ -135,12 +148,7 @@ class FakeKube(KubeApi):
             raise AssertionError(f"a reconcile sent a GET {path}")
         if method == "PATCH" and path.endswith("/status"):
             obj = self.store[path.removesuffix("/status")]
-            status = obj.setdefault("status", {})
-            for k, v in body["status"].items():
-                if v is None:
-                    status.pop(k, None)
-                else:
-                    status[k] = v
+            obj["status"] = merge_patch(obj.get("status") or {}, body["status"])
             obj["metadata"]["managedFields"] = [
                 {"manager": MANAGER, "operation": "Update", "subresource": "status", "time": T1}
             ]
@@ -444,3 +452,76 @@ def test_the_echo_of_our_status_patch_is_skipped() -> None:
     body = json.loads(json.dumps(body))
     body["metadata"]["generation"] = 3
     assert not compute_own_echo(body)
+
+
+def _settle_deployments(api: FakeKube) -> None:
+    """What the Deployment controller and kubelets would do: every pod ready."""
+    for obj in api.store.values():
+        if obj["kind"] == "Deployment":
+            n = obj["spec"].get("replicas", 1)
+            obj["status"] = {
+                "observedGeneration": obj["metadata"].get("generation", 1),
+                "replicas": n,
+                "readyReplicas": n,
+                "updatedReplicas": n,
+            }
+            obj["metadata"].setdefault("generation", 1)
+
+
+def test_a_failed_analysis_writes_route_weight_zero_before_anything_scales_down() -> None:
+    from autoglm_operator.analysis import Action, IntervalResult, Verdict
+
+    spec = {
+        "model": {"source": "/m"},
+        "replicas": 2,
+        "traffic": {"provider": "gatewayAPI", "gateway": {"name": "gw"}},
+    }
+    api = FakeKube([agd_body(spec), GPU_NODE])
+    writes = WriteLog()
+    path = build_path("serving.autoglm.io/v1alpha1", "AutoGLMDeployment", "ns", "glm")
+    clock = [1_800_000_000.0]
+
+    def tick(seconds: float = 1.0, analyzer: Any = None) -> Any:
+        clock[0] += seconds
+        outcome = reconcile(
+            api, ClusterView(api.snapshot(), writes), "ns", "glm", T1,
+            at=clock[0], analyzer=analyzer, clock=lambda: clock[0] + 0.25,
+        )  # fmt: skip
+        _settle_deployments(api)
+        return outcome
+
+    tick()
+    api.store[path]["spec"] = {
+        **spec,
+        "canary": {
+            "image": "img:2",
+            "steps": [{"setWeight": 50}, {"analysis": {"interval": "1s", "failedIntervals": 1}}],
+        },
+    }
+    for _ in range(4):
+        tick()
+    assert api.store[path]["status"]["canary"]["phase"] == "Analyzing"
+    canary = api.store[path]["status"]["canary"]["canaryRevision"]
+
+    def failing(analysis: Any, namespace: str, stable: str, candidate: str) -> IntervalResult:
+        assert candidate.startswith(f"glm-{canary}-")
+        return IntervalResult(Verdict.FAIL, "server error rate 50%", clock[0], Action.ROLLBACK)
+
+    api.requests.clear()
+    outcome = tick(analyzer=failing)
+    st = api.store[path]["status"]["canary"]
+    assert st["phase"] == "RollingBack" and st["weight"] == 0
+    writes_in_order = [(m, p.rsplit("/", 2)[-2]) for m, p, _, _ in api.requests if m != "POST"]
+    assert writes_in_order[0] == ("PATCH", "grpcroutes")
+    assert writes_in_order[1] == ("PATCH", "httproutes")
+    route = api.store[build_path("gateway.networking.k8s.io/v1", "HTTPRoute", "ns", "glm")]
+    weights = {r["name"]: r["weight"] for r in route["spec"]["rules"][0]["backendRefs"]}
+    assert weights[f"glm-{canary}"] == 0
+    assert not [r for r in api.requests if r[0] == "DELETE"]  # nothing removed yet
+    # weightZeroAt is when the route was written (sub-second), not when it was decided.
+    assert st["weightZeroAt"].endswith(".250000Z")
+    assert "AnalysisFailed" in outcome.events
+    for _ in range(6):
+        tick()
+    assert api.store[path]["status"]["canary"]["phase"] == "RolledBack"
+    assert build_path("apps/v1", "Deployment", "ns", f"glm-{canary}") not in api.store

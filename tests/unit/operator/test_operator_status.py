@@ -533,3 +533,39 @@ def test_row_api_trouble_keeps_what_is_observed_and_is_degraded() -> None:
         T1,
     )
     assert conditions(fresh)["Degraded"] == ("True", "ApiError")
+
+
+def test_merge_patch_nulls_nested_keys_that_went_away() -> None:
+    """status.canary is patched key by key: a key of the last rollout (weightZeroAt of a
+    rollback) must not outlive it, or the next rollout's timing would read it."""
+    previous = {
+        "canary": {
+            "phase": "RolledBack",
+            "weightZeroAt": "t0",
+            "lastAnalysis": {"values": {"a": 1.0}},
+        }
+    }
+    new = {"canary": {"phase": "Progressing", "lastAnalysis": {"values": {"b": 2.0}}}}
+    patch = compute_merge_patch(previous, new)
+    assert patch == {
+        "canary": {
+            "phase": "Progressing",
+            "weightZeroAt": None,
+            "lastAnalysis": {"values": {"b": 2.0, "a": None}},
+        }
+    }
+    merged = apply_merge_patch(previous, patch)
+    assert merged == new
+
+
+def apply_merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386, as the API server applies it."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = apply_merge_patch(out.get(k), v)
+    return out
