@@ -250,6 +250,17 @@ def test_settings_from_the_environment_name_the_bad_variable() -> None:
         Settings.from_environ({"AUTOGLM_OPERATOR_WORKERS": "many"})
     with pytest.raises(SettingsError, match="AUTOGLM_OPERATOR_LOG_FORMAT"):
         Settings.from_environ({"AUTOGLM_OPERATOR_LOG_FORMAT": "xml"})
+    cfg = Settings.from_environ(
+        {
+            "AUTOGLM_OPERATOR_PROMETHEUS_URL": "http://prometheus:9090",
+            "AUTOGLM_OPERATOR_ROLLOUT_TICK_SECONDS": "0.5",
+        }
+    )
+    assert (cfg.prometheus_url, cfg.rollout_tick_seconds) == ("http://prometheus:9090", 0.5)
+    with pytest.raises(SettingsError, match="AUTOGLM_OPERATOR_PROMETHEUS_URL"):
+        Settings.from_environ({"AUTOGLM_OPERATOR_PROMETHEUS_URL": "prometheus:9090"})
+    with pytest.raises(SettingsError, match="AUTOGLM_OPERATOR_ROLLOUT_TICK_SECONDS"):
+        Settings.from_environ({"AUTOGLM_OPERATOR_ROLLOUT_TICK_SECONDS": "0"})
 
 
 def test_timestamp_is_rfc3339_utc() -> None:
