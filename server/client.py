@@ -363,8 +363,33 @@ def channel_options(
     return options
 
 
+def _channel(
+    target: str,
+    options: list[tuple[str, Any]],
+    aio: bool,
+    root_certificates: bytes | None,
+    certificate_chain: bytes | None,
+    private_key: bytes | None,
+    tls: bool,
+) -> Any:
+    if not (tls or root_certificates or certificate_chain):
+        return (grpc.aio.insecure_channel if aio else grpc.insecure_channel)(
+            target, options=options
+        )
+    creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+    return (grpc.aio.secure_channel if aio else grpc.secure_channel)(target, creds, options=options)
+
+
+def _auth(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
 class AutoGLMClient:
     """Blocking client for autoglm.v1 and grpc.health.v1 over one channel.
+
+    ``api_key`` is sent as ``authorization: Bearer <key>``; ``tls=True`` (or
+    ``root_certificates``) uses TLS, with ``certificate_chain`` and
+    ``private_key`` (PEM bytes) for mTLS.
 
     ``target`` is anything gRPC resolves: ``host:port``, ``ipv4:10.0.0.1:8001,10.0.0.2:8001``
     or ``dns:///autoglm-headless.ns.svc:8001``; requests are balanced round-robin
@@ -372,9 +397,22 @@ class AutoGLMClient:
     """
 
     def __init__(
-        self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, balance: bool = True
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        balance: bool = True,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
     ) -> None:
-        self._channel = grpc.insecure_channel(target, options=channel_options(balance=balance))
+        self._channel = _channel(
+            target, channel_options(balance=balance), False,
+            root_certificates, certificate_chain, private_key, tls,
+        )  # fmt: skip
+        self._md = _auth(api_key)
         self._stub = pb_grpc.AutoGLMStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout
@@ -384,14 +422,14 @@ class AutoGLMClient:
     ) -> GenerateResult:
         """Keyword arguments are those of :func:`build_generate_request`."""
         req = build_generate_request(prompt, **kwargs)
-        return _result(self._stub.Generate(req, timeout=timeout or self.timeout))
+        return _result(self._stub.Generate(req, timeout=timeout or self.timeout, metadata=self._md))
 
     def generate_stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
     ) -> Iterator[StreamChunk]:
         """Chunks as they come; leaving the loop early cancels the request on the server."""
         req = build_generate_request(prompt, **kwargs)
-        call = self._stub.GenerateStream(req, timeout=timeout or self.timeout)
+        call = self._stub.GenerateStream(req, timeout=timeout or self.timeout, metadata=self._md)
         try:
             for resp in call:
                 yield _chunk(resp)
@@ -399,11 +437,15 @@ class AutoGLMClient:
             call.cancel()
 
     def tokenize(self, text: str) -> list[int]:
-        resp = self._stub.Tokenize(pb.TokenizeRequest(text=text), timeout=self.timeout)
+        resp = self._stub.Tokenize(
+            pb.TokenizeRequest(text=text), timeout=self.timeout, metadata=self._md
+        )
         return list(resp.token_ids)
 
     def model_info(self) -> ModelDescription:
-        return _model(self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout))
+        return _model(
+            self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout, metadata=self._md)
+        )
 
     def health(self, service: str = "") -> str:
         """``SERVING`` or ``NOT_SERVING`` (or ``SERVICE_UNKNOWN``)."""
@@ -430,9 +472,22 @@ class AsyncAutoGLMClient:
     """
 
     def __init__(
-        self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, balance: bool = True
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        balance: bool = True,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
     ) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(balance=balance))
+        self._channel = _channel(
+            target, channel_options(balance=balance), True,
+            root_certificates, certificate_chain, private_key, tls,
+        )  # fmt: skip
+        self._md = _auth(api_key)
         self._stub = pb_grpc.AutoGLMStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout
@@ -441,13 +496,15 @@ class AsyncAutoGLMClient:
         self, prompt: str | None = None, *, deadline: float | None = None, **kwargs: Any
     ) -> GenerateResult:
         req = build_generate_request(prompt, **kwargs)
-        return _result(await self._stub.Generate(req, timeout=deadline or self.timeout))
+        return _result(
+            await self._stub.Generate(req, timeout=deadline or self.timeout, metadata=self._md)
+        )
 
     async def generate_stream(
         self, prompt: str | None = None, *, deadline: float | None = None, **kwargs: Any
     ) -> AsyncIterator[StreamChunk]:
         req = build_generate_request(prompt, **kwargs)
-        call = self._stub.GenerateStream(req, timeout=deadline or self.timeout)
+        call = self._stub.GenerateStream(req, timeout=deadline or self.timeout, metadata=self._md)
         try:
             async for resp in call:
                 yield _chunk(resp)
@@ -455,11 +512,17 @@ class AsyncAutoGLMClient:
             call.cancel()
 
     async def tokenize(self, text: str) -> list[int]:
-        resp = await self._stub.Tokenize(pb.TokenizeRequest(text=text), timeout=self.timeout)
+        resp = await self._stub.Tokenize(
+            pb.TokenizeRequest(text=text), timeout=self.timeout, metadata=self._md
+        )
         return list(resp.token_ids)
 
     async def model_info(self) -> ModelDescription:
-        return _model(await self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout))
+        return _model(
+            await self._stub.ModelInfo(
+                pb.ModelInfoRequest(), timeout=self.timeout, metadata=self._md
+            )
+        )
 
     async def health(self, service: str = "") -> str:
         resp = await self._health.Check(
