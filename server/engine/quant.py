@@ -257,11 +257,16 @@ def torchao_config(method: str, device: Any, dtype: Any, *, group_size: int = 12
     raise ValueError(f"quantization: no torchao config for {method!r}")
 
 
-def quantize_model(model: Any, method: str, device: Any) -> None:
+def quantize_model(model: Any, method: str, device: Any, *, fuse: bool = True) -> None:
     """Quantise the decoder layers' Linear weights in place, moving each to ``device`` first.
 
     Moving module by module means the bfloat16 model never has to fit the device
-    whole: only its quantised form does.
+    whole: only its quantised form does. With ``fuse`` the Q/K/V and gate/up
+    projections are first fused as the runner would (``fusion.py``, which leaves
+    quantised layers alone), so the quantised model runs the same few GEMMs;
+    every scale is per output row or per group of a row, so fusing does not
+    change the numbers. A fused model's attention is the runner's: it then runs
+    only inside :class:`~autoglm_server.engine.runner.ModelRunner`.
     """
     if method == "none":
         return
@@ -269,6 +274,11 @@ def quantize_model(model: Any, method: str, device: Any) -> None:
 
     _require_torchao()
     from torchao.quantization import quantize_
+
+    if fuse:
+        from .fusion import fuse_projections
+
+        fuse_projections(model)
 
     dtype = next(model.parameters()).dtype
     group = int4_group_size(model) if method == "int4" else 128

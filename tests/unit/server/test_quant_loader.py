@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,11 @@ from autoglm_server.engine.api import GenerationRequest, SamplingParams  # noqa:
 from autoglm_server.engine.config import BatchingConfig, EngineConfig  # noqa: E402
 from autoglm_server.engine.engine import LLMEngine, build_engine  # noqa: E402
 from autoglm_server.engine.loader import load_model  # noqa: E402
-from autoglm_server.engine.quant import measure_footprint, plan_quantization  # noqa: E402
+from autoglm_server.engine.quant import (  # noqa: E402
+    measure_footprint,
+    plan_quantization,
+    quantize_model,
+)
 from autoglm_server.errors import ModelLoadError  # noqa: E402
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
@@ -45,6 +50,16 @@ def cfg(model_dir: Path, quantization: str, **kw: object) -> EngineConfig:
     )
 
 
+def hf_model(model_dir: Path, method: str) -> Any:
+    """transformers' own model with the same quantised weights, unfused (its own attention)."""
+    from transformers import AutoModelForCausalLM
+
+    auto_model: Any = AutoModelForCausalLM
+    model = auto_model.from_pretrained(model_dir, dtype=torch.float32)
+    quantize_model(model, method, torch.device("cpu"), fuse=False)
+    return model.eval()
+
+
 async def generate(engine: LLMEngine) -> list[list[int]]:
     out = []
     for i, prompt in enumerate(PROMPTS):
@@ -64,7 +79,8 @@ def test_the_loader_quantises_the_decoder_linears_only(
     model = loaded.model
     assert loaded.quantization == method
     layer = model.model.layers[0]
-    for linear in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
+    # fused first (Q/K/V in one GEMM, as the runner does for bf16), then quantised
+    for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
         assert type(linear.weight).__name__ == tensor_type
     # the embeddings and the LM head keep the model dtype
     assert type(model.lm_head.weight) is torch.nn.Parameter
@@ -78,8 +94,8 @@ def test_quantised_logits_stay_close_to_float32(
 ) -> None:
     ids = torch.tensor([list(range(3, 40))])
     with torch.inference_mode():
-        want = load_model(cfg(tiny_model_dir, "none")).model(ids).logits
-        got = load_model(cfg(tiny_model_dir, method)).model(ids).logits
+        want = hf_model(tiny_model_dir, "none")(ids).logits
+        got = hf_model(tiny_model_dir, method)(ids).logits
     # relative error of the logits (measured: int8 0.03, fp8 0.11, int4 0.44; the toy
     # model's 0.2-std random weights amplify it through the layers)
     error = float((got - want).norm() / want.norm())
@@ -92,7 +108,7 @@ async def test_quantised_models_generate_through_the_engine_as_transformers_does
 ) -> None:
     """Greedy tokens through the engine (paged KV, packed batches) equal transformers'
     own generate() on the same quantised weights."""
-    reference = load_model(cfg(tiny_model_dir, method)).model
+    reference = hf_model(tiny_model_dir, method)
     want = []
     with torch.inference_mode():
         for prompt in PROMPTS:
