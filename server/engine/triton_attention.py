@@ -169,7 +169,8 @@ def paged_decode(
     rows, heads, d = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
-    q = q.contiguous()
+    if q.stride(-1) != 1:  # the kernel takes any row/head strides (a copy per layer otherwise)
+        q = q.contiguous()
     o_part = torch.empty(rows, heads, num_splits, d, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(rows, heads, num_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(rows, heads, d, dtype=q.dtype, device=q.device)

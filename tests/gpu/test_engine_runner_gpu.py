@@ -76,11 +76,15 @@ def drive(
     num_blocks: int | None = None,
     max_batch: int = 8,
     stagger: bool = False,
+    pipelined: bool = False,
 ) -> tuple[dict[str, list[int]], Scheduler]:
     """Greedy generation through the real scheduler (prefix cache on).
 
     ``stagger``: a request is added only when none is waiting, so later
     prompts find the full blocks of earlier ones in the prefix cache.
+    ``pipelined``: each step is launched before the previous one's tokens are
+    applied, as the engine does (decodes of a token in flight read it on the
+    device, inside the CUDA graphs too).
     """
     blocks = BlockManager(num_blocks or runner.num_blocks, runner.block_size)
     config = BatchingConfig(max_batch_size=max_batch, max_batch_tokens=budget)
@@ -88,7 +92,8 @@ def drive(
     params = SamplingParams(max_new_tokens=max_new, temperature=0.0, ignore_eos=True)
     outputs: dict[str, list[int]] = {}
     pending = list(enumerate(prompts))
-    while pending or sched.has_unfinished():
+    in_flight: tuple[Any, Any] | None = None
+    while pending or sched.has_unfinished() or in_flight is not None:
         while pending and not (stagger and sched.num_waiting):
             i, prompt = pending.pop(0)
             sched.add_request(GenerationRequest(str(i), prompt, params, arrival_time=1.0 + i))
@@ -96,9 +101,15 @@ def drive(
             if stagger:
                 break
         step = sched.schedule()
-        result = runner.execute(step)
-        for out in sched.update(step, result):
-            outputs[out.request_id] += out.new_token_ids
+        if not pipelined:
+            for out in sched.update(step, runner.execute(step)):
+                outputs[out.request_id] += out.new_token_ids
+            continue
+        launched = runner.launch(step)
+        if in_flight is not None:
+            for out in sched.update(in_flight[0], runner.collect(in_flight[1])):
+                outputs[out.request_id] += out.new_token_ids
+        in_flight = (step, launched) if step.seqs else None
     return outputs, sched
 
 
@@ -130,6 +141,10 @@ def test_fast_path_greedy_equals_portable(model_dir: Path) -> None:
     assert squeezed == expected
     portable_squeezed, _ = drive(portable, PROMPTS, 40, budget=8, num_blocks=10)
     assert portable_squeezed == expected
+    # Pipelined, as the engine runs: decode inputs still in flight come from the device.
+    for kwargs in ({}, {"stagger": True}, {"budget": 8, "num_blocks": 10}):
+        piped, _ = drive(fast, PROMPTS, 40, pipelined=True, **kwargs)  # type: ignore[arg-type]
+        assert piped == expected, kwargs
 
 
 def test_paged_decode_kernel_matches_reference() -> None:

@@ -1,0 +1,583 @@
+#!/usr/bin/env python3
+"""The GPU benchmark set of the speed issue, in one process per model shape.
+
+For one shape of ``bench_gpu.SHAPES`` (random bf16 weights built on the device,
+a word-level tokenizer where ``w<id>`` is token ``id``), in this order:
+
+1. **baselines** on the plain Hugging Face model, before the engine touches it:
+   ``model.generate`` one request at a time, one static batch of 64, and
+   transformers' continuous batching (``generate_batch``, paged sdpa, its CUDA
+   graphs), all on 512-token prompts and ``--baseline-new-tokens`` outputs; our
+   engine runs the same shape right after for the ratio;
+2. **engine** (``LLMEngine`` in this process): 64 x (512 + 128) pipelined (the
+   default) and not pipelined; the prefill of 64 x 512 (one output token each);
+3. **prefix-256** (``--prefix``): 256 requests sharing a 1,024-token system
+   prompt + 64 random tokens, 128 new tokens, all at once, prefix caching off
+   then on (TTFT p50/p99, hit rate);
+4. **server**: the gRPC server (``ServerProcess``, the production front end) in
+   this process on the same engine, driven from a client process: closed-loop
+   concurrency 1, 8, 64, 256 with distinct random 512-token prompts and exactly
+   128 new tokens (``ignore_eos``);
+5. **serve-1k** (``--serve``): prompts uniform in 128-2,048 tokens and outputs in
+   64-512 from a fixed seed, all at once (``--serve-requests``) and as Poisson
+   arrivals at ``--rates`` (``--poisson-requests`` each): throughput, TTFT and
+   TPOT p50/p99 (client side);
+6. **long context** (``--long-context``): an engine with ``max_model_len``
+   131072 (the other engines freed first) serving one 32K-token prompt.
+
+Every phase is written to ``--out`` as soon as it ends (one JSON file,
+rewritten), so a run stopped by a time limit keeps what it measured.
+
+    python3 bench/bench_suite.py --shape glm9b --out DIR --prefix --serve --long-context
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import gc
+import json
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gpu
+import bench_serving
+
+SHORT = 512  # prompt tokens of the reference workloads
+NEW = 128
+
+
+def pct(values: list[float], q: float) -> float | None:
+    from autoglm_server.loadgen import percentile
+
+    return percentile(values, q)
+
+
+def build(shape: str, device: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM, Glm4Config, LlamaConfig
+
+    spec = dict(bench_gpu.SHAPES[shape])
+    arch = spec.pop("arch")
+    cls = Glm4Config if arch == "Glm4ForCausalLM" else LlamaConfig
+    config = cls(**spec, max_position_embeddings=131072, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- 1: baselines ---------------------------------------------------------------------------------
+
+
+def baselines(args: argparse.Namespace, model: Any, vocab: int) -> dict[str, Any]:
+    import torch
+    from transformers import GenerationConfig
+
+    rng = random.Random(5)
+    dev = args.device
+    n_new = args.baseline_new_tokens
+    out: dict[str, Any] = {"prompt_len": SHORT, "new_tokens": n_new}
+
+    def prompts(n: int) -> list[list[int]]:
+        return [[rng.randrange(3, vocab) for _ in range(SHORT)] for _ in range(n)]
+
+    gen = {"do_sample": False, "max_new_tokens": n_new, "min_new_tokens": n_new}
+    with torch.inference_mode():
+        # one at a time (the usual FastAPI pattern)
+        ps = prompts(args.baseline_single)
+        model.generate(torch.tensor([ps[0][:16]], device=dev), max_new_tokens=2)  # warm-up
+        sync(dev)
+        t0 = time.perf_counter()
+        for p in ps:
+            model.generate(torch.tensor([p], device=dev), **gen)
+        sync(dev)
+        wall = time.perf_counter() - t0
+        out["generate_one_at_a_time"] = {
+            "requests": len(ps),
+            "output_tok_per_s": len(ps) * n_new / wall,
+            "ms_per_token": wall * 1e3 / (len(ps) * n_new),
+        }
+        print(f"baseline one at a time: {out['generate_one_at_a_time']}", flush=True)
+        # one static batch of 64
+        ids = torch.tensor(prompts(64), device=dev)
+        sync(dev)
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), **gen)
+        sync(dev)
+        wall = time.perf_counter() - t0
+        out["static_batch_64"] = {"requests": 64, "output_tok_per_s": 64 * n_new / wall}
+        print(f"baseline static batch: {out['static_batch_64']}", flush=True)
+    # transformers' continuous batching
+    try:
+        from transformers import ContinuousBatchingConfig
+
+        cb = ContinuousBatchingConfig(use_cuda_graph=dev == "cuda")
+        cfg = GenerationConfig(max_new_tokens=n_new, do_sample=False, eos_token_id=-1)
+        ps = prompts(64)
+        try:
+            model.generate_batch(ps[:4], generation_config=cfg, continuous_batching_config=cb)
+        except ValueError:  # its memory inference can fail (seen on CPU): size it ourselves
+            cb = ContinuousBatchingConfig(
+                use_cuda_graph=dev == "cuda", num_blocks=512, max_batch_tokens=8192
+            )
+            model.generate_batch(ps[:4], generation_config=cfg, continuous_batching_config=cb)
+        sync(dev)
+        t0 = time.perf_counter()
+        res = model.generate_batch(ps, generation_config=cfg, continuous_batching_config=cb)
+        sync(dev)
+        wall = time.perf_counter() - t0
+        tokens = sum(len(r.generated_tokens) for r in res.values())
+        out["generate_batch_paged_sdpa"] = {
+            "requests": 64,
+            "output_tokens": tokens,
+            "output_tok_per_s": tokens / wall,
+            "config": f"paged|sdpa, {cb}",
+        }
+    except Exception as exc:  # report, do not lose the run
+        out["generate_batch_paged_sdpa"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    print(f"baseline generate_batch: {out['generate_batch_paged_sdpa']}", flush=True)
+    model.set_attn_implementation("sdpa")  # generate_batch may have switched it
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+# -- engines on one runner ------------------------------------------------------------------------
+
+
+def make_engine(args: argparse.Namespace, model: Any, runner: Any, slots: int, **cfg: Any) -> Any:
+    import torch
+
+    from autoglm_server.engine.config import BatchingConfig, EngineConfig
+    from autoglm_server.engine.engine import LLMEngine
+    from autoglm_server.engine.loader import LoadedModel
+
+    spec = bench_gpu.SHAPES[args.shape]
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=bench_gpu.make_tokenizer(spec["vocab_size"]),
+        model_dir=Path("."),
+        device=torch.device(args.device),
+        dtype=runner.dtype,
+        max_model_len=runner.max_model_len,
+        architecture=spec["arch"],
+        vocab_size=spec["vocab_size"],
+        eos_token_ids=frozenset({1}),
+    )
+    config = EngineConfig(
+        model=args.shape,
+        device=args.device,
+        max_model_len=runner.max_model_len,
+        batching=BatchingConfig(max_batch_size=slots, max_batch_tokens=8192, max_queue_length=8192),
+        **cfg,
+    )
+    engine = LLMEngine(config, loader=lambda _c: loaded)
+    engine._build_runner = lambda _loaded: runner  # type: ignore[method-assign]
+    return engine
+
+
+async def run_batch(engine: Any, prompts: list[list[int]], new: int, tag: str) -> dict[str, Any]:
+    """All at once through the engine: output tok/s, TTFT and TPOT p50/p99."""
+    from autoglm_server.engine.api import GenerationRequest, SamplingParams
+
+    params = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
+
+    async def one(i: int, prompt: list[int]) -> tuple[int, float | None, float | None]:
+        req = GenerationRequest(request_id=f"{tag}{i}", prompt_token_ids=prompt, params=params)
+        start = time.perf_counter()
+        first = last = None
+        n = 0
+        async for delta in engine.generate(req):
+            if delta.token_ids:
+                last = time.perf_counter()
+                first = first or last
+                n += len(delta.token_ids)
+        tpot = (last - first) / (n - 1) if first and last and n > 1 else None
+        return n, (first - start) if first else None, tpot
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    wall = time.perf_counter() - start
+    tokens = sum(n for n, _, _ in results)
+    ttft = [t for _, t, _ in results if t is not None]
+    tpot = [t for _, _, t in results if t is not None]
+    return {
+        "requests": len(prompts),
+        "output_tokens": tokens,
+        "duration_s": wall,
+        "output_tok_per_s": tokens / wall,
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p99_s": pct(ttft, 99),
+        "tpot_p50_s": pct(tpot, 50),
+        "tpot_p99_s": pct(tpot, 99),
+    }
+
+
+def rand_prompts(rng: random.Random, vocab: int, n: int, length: int) -> list[list[int]]:
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+
+
+async def engine_phase(args: argparse.Namespace, model: Any, runner: Any) -> dict[str, Any]:
+    vocab = bench_gpu.SHAPES[args.shape]["vocab_size"]
+    rng = random.Random(1)
+    out: dict[str, Any] = {}
+    for label, pipeline in (("pipelined", True), ("not_pipelined", False)):
+        engine = make_engine(args, model, runner, 64, pipeline=pipeline)
+        await engine.start()
+        try:
+            await run_batch(engine, rand_prompts(rng, vocab, 8, SHORT), 8, "w")
+            out[label] = await run_batch(engine, rand_prompts(rng, vocab, 64, SHORT), NEW, "m")
+            print(f"engine {label}: {json.dumps(out[label])}", flush=True)
+            if pipeline:
+                p = await run_batch(engine, rand_prompts(rng, vocab, 64, SHORT), 1, "p")
+                out["prefill_64x512_s"] = p["duration_s"]
+                b = await run_batch(
+                    engine, rand_prompts(rng, vocab, 64, SHORT), args.baseline_new_tokens, "b"
+                )
+                out[f"same_as_baselines_64x{args.baseline_new_tokens}"] = b
+                print(f"engine prefill {p['duration_s']:.3f}s; baseline shape {b}", flush=True)
+        finally:
+            await engine.shutdown(grace_s=1)
+    return out
+
+
+async def prefix_phase(args: argparse.Namespace, model: Any, runner: Any) -> dict[str, Any]:
+    vocab = bench_gpu.SHAPES[args.shape]["vocab_size"]
+    rng = random.Random(2)
+    engine = make_engine(args, model, runner, 256)
+    await engine.start()
+    out: dict[str, Any] = {}
+    try:
+        system = rand_prompts(rng, vocab, 1, 1024)[0]
+        blocks = engine._scheduler.blocks
+        for mode in ("off", "on"):
+            blocks.reset_prefix_cache()
+            blocks.prefix_caching = mode == "on"
+            before = (blocks.stats.queried_tokens, blocks.stats.hit_tokens)
+            prompts = [system + p for p in rand_prompts(rng, vocab, 256, 64)]
+            res = await run_batch(engine, prompts, NEW, f"x{mode}")
+            queried = blocks.stats.queried_tokens - before[0]
+            res["hit_rate"] = (blocks.stats.hit_tokens - before[1]) / max(1, queried)
+            out[mode] = res
+            print(f"prefix-256 caching {mode}: {json.dumps(res)}", flush=True)
+        out["preemptions"] = engine._scheduler.num_preemptions
+    finally:
+        await engine.shutdown(grace_s=1)
+    return out
+
+
+# -- the gRPC server and its clients --------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def client(*argv: str) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--client", *argv, stdout=asyncio.subprocess.PIPE
+    )
+    stdout, _ = await proc.communicate()
+    result: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+async def server_phase(
+    args: argparse.Namespace, model: Any, runner: Any, result: dict[str, Any], save: Any
+) -> None:
+    from autoglm_server.app import ServeOptions, ServerProcess
+    from autoglm_server.frontend import Phase
+
+    engine = make_engine(args, model, runner, 256)
+    port = _free_port()
+    options = ServeOptions(
+        host="127.0.0.1", grpc_port=port, http_port=_free_port(), metrics_port=0,
+        shutdown_grace_s=1.0,
+    )  # fmt: skip
+    server = ServerProcess(engine.config, options, engine_factory=lambda _c, _f: engine)
+    task = asyncio.create_task(server.run())
+    while server.state.phase != Phase.SERVING:
+        if task.done():
+            raise RuntimeError(f"server exited: {task.result()}")
+        await asyncio.sleep(0.1)
+    target = f"127.0.0.1:{port}"
+    vocab = str(bench_gpu.SHAPES[args.shape]["vocab_size"])
+    try:
+        sweep: dict[str, Any] = {}
+        result["server_sweep"] = sweep
+        for c in args.levels:
+            n = max(4, c * args.requests_per_slot)
+            sweep[str(c)] = await client(target, "closed", str(c), str(n), vocab)
+            print(f"server c={c}: {json.dumps(sweep[str(c)])}", flush=True)
+            save()
+        if args.serve:
+            serve: dict[str, Any] = {}
+            result["serve_1k"] = serve
+            serve["all_at_once"] = await client(target, "open", "0", str(args.serve_requests), vocab)  # fmt: skip
+            print(f"serve-1k all at once: {json.dumps(serve['all_at_once'])}", flush=True)
+            save()
+            for rate in args.rates:
+                serve[f"poisson_{rate:g}"] = await client(
+                    target, "open", str(rate), str(args.poisson_requests), vocab
+                )
+                print(f"serve-1k poisson {rate}: {json.dumps(serve[f'poisson_{rate:g}'])}", flush=True)  # fmt: skip
+                save()
+        result["server_preemptions"] = engine._scheduler.num_preemptions
+    finally:
+        server.request_stop("benchmark done")
+        await task
+
+
+async def client_main(argv: list[str]) -> dict[str, Any]:
+    """``closed C N VOCAB``: N requests of 512+128, C at a time; ``open RATE N VOCAB``:
+    serve-1k shapes, Poisson arrivals at RATE per second (0: all at once)."""
+    from autoglm_server.client import AsyncAutoGLMClient
+    from autoglm_server.loadgen import LoadSpec, _one
+
+    target, mode, level, n_s, vocab_s = argv
+    n, vocab = int(n_s), int(vocab_s)
+    rng = random.Random(11 if mode == "closed" else 1000)
+
+    def text(length: int) -> str:
+        return " ".join(f"w{rng.randrange(3, vocab)}" for _ in range(length))
+
+    if mode == "closed":
+        jobs = [(text(SHORT), NEW) for _ in range(n)]
+    else:  # serve-1k: lengths first (the same for every rate), then the texts
+        shapes = [(rng.randint(128, 2048), rng.randint(64, 512)) for _ in range(n)]
+        jobs = [(text(p), o) for p, o in shapes]
+    samples: list[Any] = []
+    async with AsyncAutoGLMClient(target) as cl:
+        await _one(cl, text(8), LoadSpec(max_new_tokens=4))  # connect
+        t0 = time.perf_counter()
+        if mode == "closed":
+            queue = list(jobs)
+
+            async def worker() -> None:
+                while queue:
+                    prompt, new = queue.pop()
+                    samples.append(await _one(cl, prompt, LoadSpec(max_new_tokens=new, timeout_s=900)))  # fmt: skip
+
+            await asyncio.gather(*(worker() for _ in range(min(int(level), n))))
+        else:
+            rate = float(level)
+            arrivals = random.Random(7)
+
+            async def fire(delay: float, prompt: str, new: int) -> None:
+                await asyncio.sleep(delay)
+                samples.append(await _one(cl, prompt, LoadSpec(max_new_tokens=new, timeout_s=900)))
+
+            at = 0.0
+            tasks = []
+            for prompt, new in jobs:
+                tasks.append(fire(at, prompt, new))
+                if rate > 0:
+                    at += arrivals.expovariate(rate)
+            await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    ok = [s for s in samples if s.ok]
+    tokens = sum(s.output_tokens for s in ok)
+    ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
+    tpot = [s.tpot_s for s in ok if s.tpot_s is not None]
+    errors: dict[str, int] = {}
+    for s in samples:
+        if not s.ok:
+            errors[s.code] = errors.get(s.code, 0) + 1
+    return {
+        "mode": mode,
+        "level": float(level),
+        "requests": n,
+        "requests_ok": len(ok),
+        "errors": errors,
+        "duration_s": wall,
+        "output_tokens": tokens,
+        "output_tok_per_s": tokens / wall,
+        "requests_per_s": len(ok) / wall,
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p99_s": pct(ttft, 99),
+        "tpot_p50_s": pct(tpot, 50),
+        "tpot_p99_s": pct(tpot, 99),
+    }
+
+
+async def long_context(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    import torch
+
+    from autoglm_server.engine.runner import ModelRunner
+
+    t0 = time.perf_counter()
+    runner = ModelRunner(
+        model, num_slots=8, max_model_len=131072, device=torch.device(args.device),
+        compile_cache_dir=args.compile_cache_dir,
+    )  # fmt: skip
+    runner.warmup()
+    engine = make_engine(args, model, runner, 8)
+    await engine.start()
+    start_s = time.perf_counter() - t0
+    vocab = bench_gpu.SHAPES[args.shape]["vocab_size"]
+    try:
+        prompt = rand_prompts(random.Random(3), vocab, 1, args.long_prompt)[0]
+        res = await run_batch(engine, [prompt], 16, "long")
+    finally:
+        await engine.shutdown(grace_s=1)
+    return {
+        "max_model_len": 131072,
+        "prompt_len": args.long_prompt,
+        "start_s": start_s,
+        "kv_cache_tokens": (runner.num_blocks - 1) * runner.block_size,
+        **res,
+    }
+
+
+def top_p_microbench(device: str, vocab: int) -> dict[str, Any]:
+    """Top-p at batch 64 over the vocabulary: the sampler's (no sort) vs a full sort."""
+    import torch
+
+    from autoglm_server.engine.sampling import Sampler
+
+    if device != "cuda":
+        return {}
+    import triton  # type: ignore[import-untyped]
+
+    s = Sampler(64, vocab, torch.device(device))
+    slots = torch.arange(64, device=device)
+    s._top_p[slots] = 0.9
+    logits = torch.randn(64, vocab, device=device) * 3
+
+    def sort_based() -> torch.Tensor:
+        sl, order = logits.sort(dim=-1, descending=True)
+        probs = sl.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= 0.9
+        return torch.empty_like(logits).scatter_(1, order, sl.masked_fill(drop, float("-inf")))
+
+    ours = triton.testing.do_bench(lambda: s._apply_top_p(logits, slots), return_mode="median")
+    ref = triton.testing.do_bench(sort_based, return_mode="median")
+    return {"batch": 64, "vocab": vocab, "sampler_ms": ours, "full_sort_ms": ref}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--client":
+        print(json.dumps(asyncio.run(client_main(argv[1:]))))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", choices=sorted(bench_gpu.SHAPES), default="glm9b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=str(bench_serving.ROOT / "bench" / "results"))
+    parser.add_argument("--compile-cache-dir", default=None)
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--baseline-new-tokens", type=int, default=64)
+    parser.add_argument("--baseline-single", type=int, default=2)
+    parser.add_argument("--concurrency", default="1,8,64,256")
+    parser.add_argument("--requests-per-slot", type=int, default=2)
+    parser.add_argument("--prefix", action="store_true", help="prefix-256, caching off and on")
+    parser.add_argument("--serve", action="store_true", help="serve-1k")
+    parser.add_argument("--serve-requests", type=int, default=1000)
+    parser.add_argument("--poisson-requests", type=int, default=1000)
+    parser.add_argument("--rates", default="4,8,16")
+    parser.add_argument("--long-context", action="store_true")
+    parser.add_argument("--long-prompt", type=int, default=32768)
+    parser.add_argument(
+        "--long-only", action="store_true", help="only the long-context check (a fresh process)"
+    )
+    parser.add_argument("--max-model-len", type=int, default=2048 + 512 + 64)
+    args = parser.parse_args(argv)
+    args.levels = [int(c) for c in args.concurrency.split(",") if c]
+    args.rates = [float(r) for r in args.rates.split(",") if r]
+
+    import torch
+
+    from autoglm_server.engine.runner import ModelRunner
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = out_dir / f"bench_suite-{args.shape}-{stamp}.json"
+    result: dict[str, Any] = {
+        "benchmark": "bench_suite",
+        "shape": args.shape,
+        "model": bench_gpu.SHAPES[args.shape],
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git": bench_serving._git(),
+        "device": {**bench_serving._device(), "torch": torch.__version__},
+        "config": {k: v for k, v in vars(args).items()},
+    }
+
+    def save() -> None:
+        path.write_text(json.dumps(result) + "\n")
+
+    t0 = time.perf_counter()
+    model = build(args.shape, args.device)
+    result["model_build_s"] = time.perf_counter() - t0
+    vocab = bench_gpu.SHAPES[args.shape]["vocab_size"]
+    if args.long_only:
+        result["long_context"] = asyncio.run(long_context(args, model))
+        save()
+        print(json.dumps(result))
+        return 0
+    if not args.no_baselines:
+        result["baselines"] = baselines(args, model, vocab)
+        save()
+    result["top_p"] = top_p_microbench(args.device, vocab)
+    t0 = time.perf_counter()
+    runner = ModelRunner(
+        model, num_slots=max(256, *args.levels), max_model_len=args.max_model_len,
+        device=torch.device(args.device), compile_cache_dir=args.compile_cache_dir,
+    )  # fmt: skip
+    runner.warmup()
+    result["runner"] = {
+        "init_and_warmup_s": time.perf_counter() - t0,
+        "warmup_s": runner.warmup_s,
+        "warmup_phases": runner.warmup_phases,
+        "num_kv_blocks": runner.num_blocks,
+        "fused": runner.fused,
+        "compiled": runner.compiled,
+    }
+    print(f"runner: {result['runner']}", flush=True)
+    save()
+    result["engine"] = asyncio.run(engine_phase(args, model, runner))
+    save()
+    if args.prefix:
+        result["prefix_256"] = asyncio.run(prefix_phase(args, model, runner))
+        save()
+    if args.levels or args.serve:
+        asyncio.run(server_phase(args, model, runner, result, save))
+        save()
+    if args.long_context:
+        del runner
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            result["long_context"] = asyncio.run(long_context(args, model))
+        except Exception as exc:
+            result["long_context"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        print(f"long context: {json.dumps(result['long_context'])}", flush=True)
+    eng = result["engine"]["pipelined"]["output_tok_per_s"]
+    c64 = result.get("server_sweep", {}).get("64", {}).get("output_tok_per_s")
+    result["server_over_engine"] = c64 / eng if c64 else None
+    save()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
