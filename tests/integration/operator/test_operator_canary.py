@@ -250,3 +250,61 @@ def test_istio_objects_are_accepted_and_carry_the_weights(
     assert env["AUTOGLM_MAX_BATCH_SIZE"] == "8"
     # The Degraded condition of the missing-provider test is gone here.
     assert kube.condition("mesh", "Degraded")["status"] == "False"  # type: ignore[index]
+
+
+def build_legacy_deployment(name: str, spec: dict[str, Any], uid: str, ns: str) -> dict[str, Any]:
+    """The Deployment an operator from before revisions made: named <name>, selected by the
+    instance labels alone, pods without the revision label."""
+    from autoglm_operator.builders import build_deployment
+    from autoglm_operator.owner import REVISION_LABEL, Owner
+    from autoglm_operator.spec import parse_spec
+
+    dep = build_deployment(parse_spec(spec), Owner(name, ns, uid))
+    dep["metadata"]["name"] = name
+    for labels in (
+        dep["metadata"]["labels"],
+        dep["spec"]["selector"]["matchLabels"],
+        dep["spec"]["template"]["metadata"]["labels"],
+    ):
+        labels.pop(REVISION_LABEL)
+    dep["spec"]["template"]["spec"].pop("nodeSelector", None)
+    for volume in dep["spec"]["template"]["spec"]["volumes"]:
+        volume.pop("configMap", None)
+    return dep
+
+
+def test_the_deployment_from_before_revisions_serves_until_the_new_one_is_ready(
+    op: OperatorProcess, kube: Kube
+) -> None:
+    # The new revision's pods can't be placed yet (no node has this GPU product).
+    spec = {"model": SOURCE, "resources": {"gpuProduct": "NVIDIA-NONE"}}
+    assert kube.apply(agd("old", spec)).returncode == 0
+    uid = kube.get("agd", "old")["metadata"]["uid"]
+    legacy = build_legacy_deployment("old", {"model": SOURCE}, uid, kube.namespace)
+    created = kube.run("apply", "--server-side", "--field-manager=autoglm-operator", "-f", "-",
+                       input=json.dumps(legacy), check=False)  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    wait_for(
+        lambda: (kube.get("deployment", "old") or {}).get("status", {}).get("readyReplicas") == 1,
+        timeout=60,
+        message="the old Deployment's pod ready",
+    )
+    new = f"old-{revision_of(spec)}"
+    assert kube.get("deployment", new) is not None
+    # Several timer periods later the old Deployment still serves, and the status says so.
+    ticks = op.reconciles()
+    wait_for(lambda: op.reconciles() >= ticks + 3, timeout=60, message="three reconciles")
+    assert kube.get("deployment", "old") is not None
+    ready = kube.wait_ready("old", timeout=30)
+    assert ready["status"]["readyReplicas"] == 1
+    # Once the new revision can run and is Ready, the old Deployment goes.
+    patch_spec(kube, "old", {"resources": {"gpuProduct": None}})
+    wait_for(
+        lambda: kube.get("deployment", "old") is None,
+        timeout=90,
+        message=lambda: (
+            f"old Deployment removed; new: {(kube.get('deployment', new) or {}).get('status')}"
+        ),
+    )
+    status = kube.get("deployment", new)["status"]
+    assert status.get("readyReplicas") == 1
