@@ -543,3 +543,100 @@ def test_time_format_round_trips_with_microseconds() -> None:
     text = format_time(T0 + 0.123456)
     assert text == "2027-01-15T08:00:00.123456Z"
     assert parse_time(text) == pytest.approx(T0 + 0.123456)
+
+
+# ---- one transition at a time: a table ------------------------------------------------------
+
+TABLE_STEPS = [
+    {"setWeight": 25},  # 0
+    {"pause": {"duration": "30s"}},  # 1
+    {"analysis": {"interval": "10s", "successfulIntervals": 1, "failedIntervals": 1}},  # 2
+    {"pause": {}},  # 3
+]
+TARGET = compute_revision(compute_canary_spec(canary_of(steps=TABLE_STEPS)))
+READY = Pods(desired=1, ready=1, replicas=1, exists=True)
+FULL = Pods(desired=4, ready=4, replicas=4, exists=True)
+
+
+def row_status(
+    phase: str, step: int, weight: int, reason: str = "", since: float = 0
+) -> dict[str, Any]:
+    return {
+        "revisions": [
+            {"name": V1_REV, "model": BASE["model"] | {"dtype": "auto", "trustRemoteCode": False},
+             "server": parse_spec(BASE).server.model_dump(mode="json", by_alias=True, exclude_none=True),
+             "promotedAt": format_time(T0 - 3600)}
+        ],
+        "canary": {
+            "phase": phase, "stableRevision": V1_REV, "canaryRevision": TARGET, "step": step,
+            "weight": weight, "reason": reason, "startedAt": format_time(T0 - 100),
+            "stepStartedAt": format_time(T0 - since),
+        },
+    }  # fmt: skip
+
+
+# (id, status, canary pods, analysis verdict, action, spec.canary.paused) -> (phase, step, weight, reason)
+ROWS: list[tuple[str, dict[str, Any], Pods | None, Verdict | None, str | None, bool, tuple[Any, ...]]] = [
+    ("setWeight waits for pods", row_status("Progressing", 0, 0), None, None, None, False,
+     ("Progressing", 0, 0, "CanaryNotReadyYet")),
+    ("setWeight with pods", row_status("Progressing", 0, 0), READY, None, None, False,
+     ("Paused", 1, 25, "PauseStep")),
+    ("timed pause holds", row_status("Paused", 1, 25, "PauseStep", since=10), READY, None, None, False,
+     ("Paused", 1, 25, "PauseStep")),
+    ("timed pause ends", row_status("Paused", 1, 25, "PauseStep", since=31), READY, None, None, False,
+     ("Analyzing", 2, 25, "Analyzing")),
+    ("analysis waits", row_status("Analyzing", 2, 25, "Analyzing", since=5), READY, None, None, False,
+     ("Analyzing", 2, 25, "Analyzing")),
+    ("analysis passes", row_status("Analyzing", 2, 25, "Analyzing", since=10), READY, Verdict.PASS, None, False,
+     ("Paused", 3, 25, "PauseStep")),
+    ("analysis fails", row_status("Analyzing", 2, 25, "Analyzing", since=10), READY, Verdict.FAIL, None, False,
+     ("RollingBack", 2, 0, "AnalysisFailed")),
+    ("analysis inconclusive", row_status("Analyzing", 2, 25, "Analyzing", since=10), READY, Verdict.INCONCLUSIVE, None, False,
+     ("Analyzing", 2, 25, "Analyzing")),
+    ("open pause holds", row_status("Paused", 3, 25, "PauseStep", since=9999), READY, None, None, False,
+     ("Paused", 3, 25, "PauseStep")),
+    ("resume ends an open pause", row_status("Paused", 3, 25, "PauseStep"), FULL, None, "resume", False,
+     ("Promoted", 4, 100, "Promoted")),
+    ("promote skips steps, waits for full size", row_status("Paused", 1, 25, "PauseStep"), READY, None, "promote", False,
+     ("Promoting", 1, 25, "Promoting")),
+    ("abort", row_status("Paused", 1, 25, "PauseStep"), READY, None, "abort", False,
+     ("RollingBack", 1, 0, "Aborted")),
+    ("spec paused", row_status("Analyzing", 2, 25, "Analyzing"), READY, None, None, True,
+     ("Paused", 2, 25, "PausedBySpec")),
+    ("spec resumed", row_status("Paused", 2, 25, "PausedBySpec"), READY, None, None, False,
+     ("Analyzing", 2, 25, "Analyzing")),
+    ("drain not over", row_status("RollingBack", 2, 0, "AnalysisFailed") | {}, READY, None, None, False,
+     ("RollingBack", 2, 0, "AnalysisFailed")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("status", "pods", "verdict", "action", "paused", "expected"),
+    [r[1:] for r in ROWS],
+    ids=[r[0] for r in ROWS],
+)
+def test_one_transition(
+    status: dict[str, Any],
+    pods: Pods | None,
+    verdict: Verdict | None,
+    action: str | None,
+    paused: bool,
+    expected: tuple[Any, ...],
+) -> None:
+    spec = canary_of(steps=TABLE_STEPS, paused=paused)
+    if status["canary"]["phase"] == "RollingBack":
+        status["canary"]["weightZeroAt"] = format_time(T0 - 1)
+    result = None
+    if verdict is not None:
+        action_for = Action.ROLLBACK if verdict is Verdict.FAIL else None
+        result = IntervalResult(verdict, "measured", T0, action_for, {"requests": 30.0})
+        assert compute_analysis_due(spec, status, T0) is not None
+    observed = {V1_REV: FULL} | ({TARGET: pods} if pods is not None else {})
+    plan = compute_next(Inputs(spec, status, T0, observed, result, action))
+    st = plan.canary
+    assert st is not None
+    assert (st["phase"], st["step"], st["weight"], st["reason"]) == expected
+    assert sum(plan.weights().values()) == 100
+    stable = plan.versions[0]
+    if st["phase"] != "Promoted":
+        assert stable.revision == V1_REV and stable.replicas == 4  # surge: never below its size
