@@ -541,6 +541,32 @@ def _grammar_spec(
 # --------------------------------------------------------------------------- app
 
 
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's description plus the request bodies, which the handlers parse themselves
+    (strictly, see :mod:`.body`): schemathesis and client generators read them here."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    _, defs = models_json_schema(
+        [(proto.CompletionRequest, "validation"), (proto.ChatCompletionRequest, "validation")],
+        ref_template="#/components/schemas/{model}",
+    )
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+    for path, model in (
+        ("/v1/completions", "CompletionRequest"),
+        ("/v1/chat/completions", "ChatCompletionRequest"),
+    ):
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}},
+        }
+    app.openapi_schema = schema
+    return schema
+
+
 def build_http_app(
     state: ServerState,
     render_metrics: MetricsRenderer | None,
@@ -580,6 +606,7 @@ def build_http_app(
             return guarded
 
     app.router.route_class = GuardedRoute
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     def served(model: str | None) -> AsyncEngine:
         engine = state.require_engine()
