@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -169,6 +168,8 @@ class KubeApi:
         self.field_manager = field_manager
         self.limiter = limiter or RateLimiter(0, 1)
         self.writes: Counter[tuple[str, str]] = Counter()
+        # Events name the reporting instance: the host name, which is the pod's name in a pod.
+        self.instance = socket.gethostname()[:128]
         self._lock = threading.Lock()
 
     @classmethod
@@ -415,7 +416,7 @@ class KubeApi:
             "message": message[:1024],
             "source": {"component": FIELD_MANAGER},
             "reportingComponent": FIELD_MANAGER,
-            "reportingInstance": os.environ.get("POD_NAME", socket.gethostname())[:128],
+            "reportingInstance": self.instance,
             "firstTimestamp": now,
             "lastTimestamp": now,
             "count": 1,
