@@ -571,6 +571,11 @@ class _Machine:
     ) -> RolloutPlan:
         full = compute_full_scale(target_spec)
         replace_strategy = self.spec.canary is not None and self.spec.canary.strategy == "replace"
+        serving = self.inp.pods.get(stable_rev)
+        if full.hpa is not None and not replace_strategy and serving is not None:
+            # The stable's HPA may have scaled out: take all traffic only with as many pods.
+            low = min(max(full.hpa[0], serving.desired), full.hpa[1])
+            full = _Scale(None, (low, full.hpa[1]))
         if _ready(pods, full) or (full.minimum == 0 and pods is not None and pods.exists):
             return self._promote(st, stable_rev, target_rev, target_spec)
         if self._deadline(st, pods):

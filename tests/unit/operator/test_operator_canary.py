@@ -640,3 +640,20 @@ def test_one_transition(
     stable = plan.versions[0]
     if st["phase"] != "Promoted":
         assert stable.revision == V1_REV and stable.replicas == 4  # surge: never below its size
+
+
+def test_promotion_waits_for_as_many_pods_as_the_scaled_out_stable_has() -> None:
+    spec = spec_of(autoscaling=AUTO, canary={"model": V2, "steps": [{"setWeight": 10}]})
+    world = established(spec)
+    world.run_until("Promoting")
+    target = world.status["canary"]["canaryRevision"]
+    # The stable's HPA had scaled out to 6 under load.
+    world.pods[V1_REV] = Pods(desired=6, ready=6, replicas=6, exists=True)
+    world.pods[target] = Pods(desired=2, ready=2, replicas=2, exists=True)
+    plan = world.tick(settle=False)
+    assert world.phase == "Promoting"
+    canary = next(v for v in plan.versions if v.revision == target)
+    assert canary.hpa == (6, 10)
+    world.pods[target] = Pods(desired=6, ready=6, replicas=6, exists=True)
+    world.tick(settle=False)
+    assert world.phase == "Promoted"
