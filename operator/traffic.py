@@ -107,6 +107,18 @@ def build_backend_refs(owner: Owner, versions: list[VersionPlan], port: int) -> 
     ]
 
 
+# The gRPC services the server answers. The GRPCRoute matches them by name: a
+# GRPCRoute with no match matches every path of its hostnames, and Traefik ranks
+# that above the HTTPRoute's PathPrefix "/" on the same hostnames, so OpenAI
+# requests would go to the gRPC port (and fail with 500).
+GRPC_SERVICES = (
+    "autoglm.v1.AutoGLM",
+    "inference.GRPCInferenceService",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+)
+
+
 def build_grpc_route(
     spec: AutoGLMDeploymentSpec, owner: Owner, versions: list[VersionPlan]
 ) -> Manifest:
@@ -114,7 +126,12 @@ def build_grpc_route(
     if spec.traffic is not None and spec.traffic.hostnames:
         route_spec["hostnames"] = list(spec.traffic.hostnames)
     route_spec["rules"] = [
-        {"backendRefs": build_backend_refs(owner, versions, spec.server.grpc_port)}
+        {
+            "matches": [
+                {"method": {"type": "Exact", "service": service}} for service in GRPC_SERVICES
+            ],
+            "backendRefs": build_backend_refs(owner, versions, spec.server.grpc_port),
+        }
     ]
     return {
         "apiVersion": GATEWAY_API_VERSION,
