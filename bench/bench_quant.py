@@ -51,27 +51,16 @@ AGREEMENT_STEPS = 256
 
 
 async def child_run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
 
     from autoglm_server.engine.engine import LLMEngine
 
     method = "none" if args.method == "bf16" else args.method
-    on_cuda = args.device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = bench_tp.write_model_dir(args.shape, Path(tmp))
         cfg = bench_tp.engine_config(
             model_dir, args.device, quantization=method, compile=args.compile
         )
-        memory: dict[str, float] = {}
-
-        def loader(c: Any) -> Any:
-            loaded = bench_tp.load_random(c)
-            if on_cuda:
-                torch.cuda.synchronize()
-                memory["weights_gib"] = torch.cuda.memory_allocated() / 2**30
-            return loaded
-
-        engine = LLMEngine(cfg, loader=loader)
+        engine = LLMEngine(cfg, loader=bench_tp.load_random)
         t0 = time.perf_counter()
         await engine.start()
         start_s = time.perf_counter() - t0
@@ -93,7 +82,7 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
             result["greedy_tokens"] = greedy["tokens"]
             result["start_s"] = start_s
             result["quantization"] = engine.model_info.quantization
-            result.update(memory)
+            result.update(bench_tp.LOAD_STATS)
         finally:
             await engine.shutdown(grace_s=1)
     return result
