@@ -3,10 +3,12 @@ Ready=False with a reason and an Event, and the operator keeps running."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import Kube, OperatorProcess, agd, wait_for
+import yaml
+from operator_helpers import EXAMPLES, Kube, OperatorProcess, agd, wait_for
 
 pytestmark = pytest.mark.k8s
 
@@ -328,3 +330,12 @@ def test_impossible_spec_is_not_ready_with_reason_and_event(
     )
     assert events[0]["type"] == "Warning"
     assert op.alive()
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_example_passes_the_api_servers_schema_and_cel(
+    kube: Kube, crd: Any, path: Path
+) -> None:
+    doc = yaml.safe_load(path.read_text())
+    result = kube.apply(doc, "--dry-run=server")
+    assert result.returncode == 0, result.stderr
