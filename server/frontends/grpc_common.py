@@ -75,9 +75,28 @@ async def _abort_with(
     else:
         logger.debug("%s -> %s: %s", method, code.name, message)
     if isinstance(exc, QueueFullError):
-        # A hint for clients that back off (seconds); gRPC has no standard Retry-After.
-        context.set_trailing_metadata((("retry-after", f"{exc.retry_after_s:.3g}"),))
+        context.set_trailing_metadata(retry_metadata(code, message, exc.retry_after_s))
     await context.abort(code, message)
+
+
+def retry_metadata(
+    code: grpc.StatusCode, message: str, retry_after_s: float
+) -> tuple[tuple[str, str | bytes], ...]:
+    """When to retry, twice: gRPC's rich error model (``google.rpc.RetryInfo`` in
+    ``grpc-status-details-bin``, what Google's client libraries read) and a plain
+    ``retry-after`` (seconds) for everyone else."""
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(retry_after_s * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    return (
+        ("grpc-status-details-bin", status.SerializeToString()),
+        ("retry-after", f"{retry_after_s:.3g}"),
+    )
 
 
 class _Unparsable:

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from google.rpc import error_details_pb2, status_pb2
 from server_helpers import ServerProcess
 
 from autoglm_server.client import AutoGLMClient
@@ -121,6 +122,10 @@ def test_limits_and_their_effect(secured: tuple[ServerProcess, Path]) -> None:
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         trailers = dict(info.value.trailing_metadata() or ())
         assert float(trailers["retry-after"]) > 0
+        status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+        retry = error_details_pb2.RetryInfo()
+        assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert status.details[0].Unpack(retry) and retry.retry_delay.ToNanoseconds() > 0
     # tokens per minute: 2; the first request (prompt + 2 tokens > 2) puts the bucket in debt
     assert _http(proc, "k-tpm").status_code == 200
     refused = _http(proc, "k-tpm")
