@@ -275,22 +275,36 @@ def compute_full_scale(spec: AutoGLMDeploymentSpec) -> _Scale:
     return _Scale(None, (auto.min_replicas, auto.max_replicas))
 
 
-def _share(n: int, weight: int) -> int:
+def _share(n: int, weight: int, by_ratio: bool = False) -> int:
+    if by_ratio:
+        # Next to n stable pods, c canary pods get c / (n + c) of the requests.
+        return n if weight >= 100 else round(n * weight / (100 - weight))
     return math.ceil(n * weight / 100)
 
 
 def compute_canary_scale(spec: AutoGLMDeploymentSpec, canary: CanarySpec, weight: int) -> _Scale:
-    """The canary's size for ``weight``: the stable's size times the weight, within the
-    canary's own bounds (minReplicas, default 1; maxReplicas, default the stable's)."""
+    """The canary's size for ``weight``, within the canary's own bounds (minReplicas,
+    default 1; maxReplicas, default the stable's size).
+
+    With a router (gatewayAPI, istio) the canary needs the weight's share of the
+    stable's size. With the ``replicas`` provider next to the whole stable
+    (surge) the replica ratio *is* the split, so the canary gets ``n·w/(100-w)``
+    pods (a canary above 50% then needs maxReplicas above the stable's size).
+    """
+    by_ratio = (
+        (spec.traffic is None or spec.traffic.provider == "replicas")
+        and canary.strategy == "surge"
+        and weight < 100
+    )
     full = compute_full_scale(spec)
     top = full.fixed if full.fixed is not None else (full.hpa or (1, 1))[1]
     lo = canary.min_replicas or 1
     hi = max(lo, canary.max_replicas or max(top, 1))
     if full.fixed is not None:
-        return _Scale(min(max(_share(full.fixed, weight), lo), hi), None)
+        return _Scale(min(max(_share(full.fixed, weight, by_ratio), lo), hi), None)
     assert full.hpa is not None
-    mn = min(max(_share(full.hpa[0], weight), lo), hi)
-    mx = min(max(_share(full.hpa[1], weight), mn), hi)
+    mn = min(max(_share(full.hpa[0], weight, by_ratio), lo), hi)
+    mx = min(max(_share(full.hpa[1], weight, by_ratio), mn), hi)
     return _Scale(None, (mn, mx))
 
 

@@ -26,7 +26,12 @@ from autoglm_operator.canary import (
 from autoglm_operator.spec import AutoGLMDeploymentSpec, parse_spec
 
 T0 = 1_800_000_000.0
-BASE: dict[str, Any] = {"model": {"source": "hf://org/glm@v1"}, "replicas": 4}
+# Routed (the canary's pods follow its share of requests); the replicas provider has its own test.
+BASE: dict[str, Any] = {
+    "model": {"source": "hf://org/glm@v1"},
+    "replicas": 4,
+    "traffic": {"provider": "gatewayAPI", "gateway": {"name": "gw"}},
+}
 V2 = {"source": "hf://org/glm@v2"}
 
 
@@ -657,3 +662,29 @@ def test_promotion_waits_for_as_many_pods_as_the_scaled_out_stable_has() -> None
     world.pods[target] = Pods(desired=6, ready=6, replicas=6, exists=True)
     world.tick(settle=False)
     assert world.phase == "Promoted"
+
+
+@pytest.mark.parametrize(
+    ("replicas", "weight", "canary", "share"),
+    [(2, 33, 1, 33.3), (2, 50, 2, 50.0), (4, 20, 1, 20.0), (3, 25, 1, 25.0), (4, 10, 1, 20.0)],
+)
+def test_replicas_provider_sizes_the_canary_for_the_replica_ratio(
+    replicas: int, weight: int, canary: int, share: float
+) -> None:
+    spec = parse_spec(
+        {
+            "model": BASE["model"],
+            "replicas": replicas,
+            "canary": {"model": V2, "steps": [{"setWeight": weight}, {"pause": {}}]},
+        }
+    )
+    world = established(spec)
+    world.run_until("Paused")
+    plan = world.plan
+    assert plan is not None
+    stable, got = plan.versions[0].replicas, plan.versions[1].replicas
+    assert (stable, got) == (replicas, canary)
+    assert got is not None and stable is not None
+    assert 100 * got / (stable + got) == pytest.approx(
+        share, abs=0.1
+    )  # the smallest share is one pod
