@@ -688,3 +688,17 @@ def test_replicas_provider_sizes_the_canary_for_the_replica_ratio(
     assert 100 * got / (stable + got) == pytest.approx(
         share, abs=0.1
     )  # the smallest share is one pod
+
+
+def test_a_canary_block_without_overrides_rolls_out_every_later_spec_change_by_its_steps() -> None:
+    steps = {"steps": [{"setWeight": 25}, {"pause": {}}]}
+    world = World(spec_of(canary=steps))
+    plan = world.tick()
+    assert plan.canary is None and plan.weights() == {V1_REV: 100}  # nothing to roll out yet
+    world.spec = spec_of(canary=steps, server={"image": "img:2"})
+    world.run_until("Paused")
+    new = compute_revision(world.spec)
+    assert world.status["canary"]["canaryRevision"] == new and world.weight == 25
+    world.tick(action="resume")
+    world.run_until("Promoted")
+    assert world.status["revisions"][0]["name"] == new
