@@ -477,6 +477,16 @@ class _Machine:
             elif st is not None and st.phase in IN_FLIGHT and st.canary != stable_rev:
                 # The spec no longer asks for the canary (removed or back to the stable).
                 leaving = self._drop(st, R_REMOVED, "the spec no longer asks for this revision")
+            elif (
+                st is not None
+                and st.phase in ("RolledBack", "Failed")
+                and st.canary != stable_rev
+                and st.reason != R_REMOVED
+            ):
+                # A failed canary the spec has dropped: nothing is wrong any more.
+                st.reason = R_REMOVED
+                st.message = f"{st.message}; the spec no longer asks for revision {st.canary}"
+                self.event("Normal", R_REMOVED, st.message)
             return self._plan(stable_rev, stable_spec, None, None, leaving)
         if (
             st is None

@@ -702,3 +702,19 @@ def test_a_canary_block_without_overrides_rolls_out_every_later_spec_change_by_i
     world.tick(action="resume")
     world.run_until("Promoted")
     assert world.status["revisions"][0]["name"] == new
+
+
+def test_dropping_a_failed_canary_from_the_spec_clears_the_failure() -> None:
+    world = established(canary_of(steps=[{"setWeight": 50}, {"analysis": {"failedIntervals": 1}}]))
+    world.run_until("Analyzing")
+    world.tick(10, analysis=bad(world.now + 10))
+    world.run_until("RolledBack")
+    assert world.status["canary"]["reason"] == "AnalysisFailed"
+    world.spec = parse_spec(BASE)
+    world.tick()
+    st = world.status["canary"]
+    assert (st["phase"], st["reason"]) == ("RolledBack", "CanaryRemoved")
+    assert "no longer asks" in st["message"]
+    world.events.clear()
+    world.tick()
+    assert world.events == []  # once
