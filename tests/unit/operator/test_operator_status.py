@@ -569,3 +569,57 @@ def apply_merge_patch(target: Any, patch: Any) -> Any:
         else:
             out[k] = apply_merge_patch(out.get(k), v)
     return out
+
+
+# ---- the rollout's rows -----------------------------------------------------------------------
+
+
+def settled_previous() -> dict[str, Any]:
+    first = compute_status(
+        SPEC, OWNER, Observed(generation=1, deployment=deployment(), nodes=NODES), T0
+    )
+    return first
+
+
+def test_canary_in_flight_is_progressing_while_the_stable_keeps_ready() -> None:
+    obs = Observed(
+        generation=1,
+        previous=settled_previous(),
+        deployment=deployment(),
+        rollout="rollout Analyzing: step 1: 2 good intervals",
+    )
+    got = conditions(compute_status(SPEC, OWNER, obs, T1))
+    assert got == {
+        "Ready": ("True", "ReplicasReady"),
+        "Progressing": ("True", "CanaryInProgress"),
+        "Degraded": ("False", "AsExpected"),
+    }
+
+
+def test_failed_canary_is_degraded_with_its_reason_and_a_warning() -> None:
+    from autoglm_operator.status import Problem
+
+    previous = settled_previous()
+    obs = Observed(
+        generation=1,
+        previous=previous,
+        deployment=deployment(),
+        canary_problem=Problem("CanaryNotReady", "canary revision x was not Ready within 2m"),
+    )
+    status = compute_status(SPEC, OWNER, obs, T1)
+    assert conditions(status)["Degraded"] == ("True", "CanaryNotReady")
+    assert conditions(status)["Ready"] == ("True", "ReplicasReady")  # the stable still serves
+    (event,) = compute_events(previous, status)
+    assert (event.type, event.reason) == ("Warning", "CanaryNotReady")
+
+
+def test_missing_traffic_provider_is_not_ready_and_degraded() -> None:
+    obs = Observed(
+        generation=1,
+        previous=settled_previous(),
+        deployment=deployment(),
+        traffic_missing="the cluster does not serve gateway.networking.k8s.io/v1 GRPCRoute",
+    )
+    got = conditions(compute_status(SPEC, OWNER, obs, T1))
+    assert got["Ready"] == ("False", "TrafficProviderMissing")
+    assert got["Degraded"] == ("True", "TrafficProviderMissing")
