@@ -492,6 +492,8 @@ class _Machine:
             st is None
             or st.canary != target_rev
             or (st.phase in ("Promoted",) and st.stable != stable_rev)
+            # asked for again after the spec had dropped it: a fresh rollout
+            or (st.phase not in IN_FLIGHT and st.reason == R_REMOVED)
         ):
             if (
                 st is not None

@@ -718,3 +718,22 @@ def test_dropping_a_failed_canary_from_the_spec_clears_the_failure() -> None:
     world.events.clear()
     world.tick()
     assert world.events == []  # once
+
+
+def test_a_canary_asked_for_again_after_it_was_dropped_starts_afresh() -> None:
+    spec = canary_of(steps=[{"setWeight": 50}, {"analysis": {"failedIntervals": 1}}])
+    world = established(spec)
+    world.run_until("Analyzing")
+    world.tick(10, analysis=bad(world.now + 10))
+    world.run_until("RolledBack")
+    world.tick(30)
+    assert world.phase == "RolledBack"  # the same spec does not retry by itself
+    world.spec = parse_spec(BASE)
+    world.tick()
+    world.spec = spec
+    world.tick()
+    st = world.status["canary"]
+    assert (st["phase"], st["step"], st["reason"]) in {
+        ("Progressing", 0, "CanaryStarted"),
+        ("Progressing", 0, "CanaryNotReadyYet"),
+    }
