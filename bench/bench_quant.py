@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import random
 import sys
 import tempfile
 import time
@@ -72,36 +71,15 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
                 concurrency=args.concurrency,
                 c1_requests=args.c1_requests,
             )
-            rng = random.Random(42)
-            vocab = engine.model_info.vocab_size
-            prompts = [
-                [rng.randrange(3, vocab) for _ in range(args.prompt_len)]
-                for _ in range(AGREEMENT_PROMPTS)
-            ]
-            greedy = await bench_tp.run_batch(engine, prompts, args.agreement_steps, "q")
-            result["greedy_tokens"] = greedy["tokens"]
+            result["greedy_tokens"] = await bench_tp.greedy_tokens(
+                engine, AGREEMENT_PROMPTS, args.prompt_len, args.agreement_steps
+            )
             result["start_s"] = start_s
             result["quantization"] = engine.model_info.quantization
             result.update(bench_tp.LOAD_STATS)
         finally:
             await engine.shutdown(grace_s=1)
     return result
-
-
-def agreement(ref: list[list[int]], got: list[list[int]]) -> dict[str, float]:
-    prefix = []
-    equal = 0
-    total = 0
-    for a, b in zip(ref, got, strict=True):
-        n = min(len(a), len(b))
-        first = next((i for i in range(n) if a[i] != b[i]), n)
-        prefix.append(first / max(1, len(a)))
-        equal += sum(x == y for x, y in zip(a, b, strict=False))
-        total += len(a)
-    return {
-        "prefix_agreement": sum(prefix) / len(prefix),
-        "token_agreement": equal / max(1, total),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if method == "bf16" or "error" in result:
             continue
         if ref and tokens:
-            result["vs_bf16"] = agreement(ref, tokens)
+            result["vs_bf16"] = bench_tp.agreement(ref, tokens)
         base = results.get("bf16", {})
         if top in result and top in base:
             summary[f"{method}_throughput_{top}_vs_bf16"] = bench_tp.ratio(

@@ -294,6 +294,9 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
                 concurrency=args.concurrency,
                 c1_requests=args.c1_requests,
             )
+            result["greedy_tokens"] = await greedy_tokens(
+                engine, 8, args.prompt_len, args.agreement_steps
+            )
             result["start_s"] = start_s
             result["rank0_load"] = dict(LOAD_STATS)
             result["warmup_s"] = getattr(engine._runner, "warmup_s", None)
@@ -324,6 +327,34 @@ def run_children(args: argparse.Namespace, script: str, extra: list[list[str]]) 
     return results
 
 
+def agreement(ref: list[list[int]], got: list[list[int]]) -> dict[str, float]:
+    """Greedy tokens against a reference: the mean share of steps before the first
+    different token, and the share of equal tokens position by position."""
+    prefix = []
+    equal = 0
+    total = 0
+    for a, b in zip(ref, got, strict=True):
+        n = min(len(a), len(b))
+        first = next((i for i in range(n) if a[i] != b[i]), n)
+        prefix.append(first / max(1, len(a)))
+        equal += sum(x == y for x, y in zip(a, b, strict=False))
+        total += len(a)
+    return {
+        "prefix_agreement": sum(prefix) / len(prefix),
+        "token_agreement": equal / max(1, total),
+    }
+
+
+async def greedy_tokens(engine: Any, prompts: int, prompt_len: int, steps: int) -> list[list[int]]:
+    """Fixed prompts (seed 42) decoded greedily: the quality proxy across configurations."""
+    rng = random.Random(42)
+    vocab = engine.model_info.vocab_size
+    batch = [[rng.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(prompts)]
+    result = await run_batch(engine, batch, steps, "greedy")
+    tokens: list[list[int]] = result["tokens"]
+    return tokens
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
@@ -339,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--c1-requests", type=int, default=5)
+    parser.add_argument("--agreement-steps", type=int, default=128)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--child-timeout-s", type=float, default=280.0)
     parser.add_argument("--out", default="bench/results")
@@ -357,12 +389,19 @@ def main(argv: list[str] | None = None) -> int:
     common = [
         "--shape", args.shape, "--device", args.device, "--prompt-len", str(args.prompt_len),
         "--new-tokens", str(args.new_tokens), "--concurrency", ",".join(map(str, args.concurrency)),
-        "--c1-requests", str(args.c1_requests), "--compile" if args.compile else "--no-compile",
+        "--c1-requests", str(args.c1_requests), "--agreement-steps", str(args.agreement_steps),
+        "--compile" if args.compile else "--no-compile",
     ]  # fmt: skip
     runs = run_children(args, __file__, [[*common, "--tp", str(t)] for t in sizes])
     by_tp = dict(zip((f"tp{t}" for t in sizes), runs, strict=True))
     base, other = runs[0], runs[-1]
     summary: dict[str, Any] = {}
+    ref_tokens = base.pop("greedy_tokens", None)
+    for run in runs[1:]:
+        tokens = run.pop("greedy_tokens", None)
+        if ref_tokens and tokens:
+            # bf16 all-reduces add in another order than one GPU does: near-ties can flip
+            run["greedy_vs_first"] = agreement(ref_tokens, tokens)
     if len(runs) > 1 and "error" not in base and "error" not in other:
         if "c1" in base:
             summary["tpot_c1_ratio"] = ratio(other["c1"]["tpot_p50_s"], base["c1"]["tpot_p50_s"])
