@@ -233,6 +233,106 @@ def rand_prompts(rng: random.Random, vocab: int, n: int, length: int) -> list[li
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
 
 
+class _TimedGraph:
+    """A captured graph whose replay records its host call time and its GPU time."""
+
+    def __init__(self, graph: Any, timeline: Timeline) -> None:
+        self.graph = graph
+        self.timeline = timeline
+
+    def replay(self) -> None:
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        self.graph.replay()
+        end.record()
+        row = self.timeline.current
+        row["replay_call_ms"] = (time.perf_counter() - t0) * 1e3
+        row["events"] = (start, end)
+
+
+class Timeline:
+    """Per step of the engine: the runner's host time in launch (and in the graph's
+    replay call), the wait in collect, the graph's GPU time, the launch-to-launch
+    period; and the process's CPU time (all threads) over the run."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+        self.rows: list[dict[str, Any]] = []
+        self.current: dict[str, Any] = {}
+        self._by_step: dict[int, dict[str, Any]] = {}
+        self._launch, self._collect = runner.launch, runner.collect
+        self._graphs = {rows: g.graph for rows, g in runner.graphs.graphs.items()}
+
+    def __enter__(self) -> Timeline:
+        import resource
+
+        for g in self.runner.graphs.graphs.values():
+            g.graph = _TimedGraph(g.graph, self)
+        self.runner.launch, self.runner.collect = self.launch, self.collect
+        self._ru = resource.getrusage(resource.RUSAGE_SELF)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self.wall_s = time.perf_counter() - self._t0
+        self.cpu_s = ru.ru_utime + ru.ru_stime - self._ru.ru_utime - self._ru.ru_stime
+        for rows, g in self.runner.graphs.graphs.items():
+            g.graph = self._graphs[rows]
+        self.runner.launch, self.runner.collect = self._launch, self._collect
+
+    def launch(self, sched: Any) -> Any:
+        self.current = {
+            "rows": len(sched.seqs),
+            "decode": all(len(q.token_ids) == 1 for q in sched.seqs),
+            "t": time.perf_counter(),
+        }
+        step = self._launch(sched)
+        self.current["launch_ms"] = (time.perf_counter() - self.current["t"]) * 1e3
+        self.rows.append(self.current)
+        self._by_step[id(step)] = self.current
+        return step
+
+    def collect(self, step: Any) -> Any:
+        t0 = time.perf_counter()
+        out = self._collect(step)
+        row = self._by_step.pop(id(step), None)
+        if row is not None:
+            row["collect_ms"] = (time.perf_counter() - t0) * 1e3
+        return out
+
+    def summary(self, rows: int) -> dict[str, Any]:
+        dec = [r for r in self.rows if r["decode"] and r["rows"] == rows and "events" in r]
+        for r in dec:
+            start, end = r.pop("events")
+            r["gpu_graph_ms"] = start.elapsed_time(end)
+        periods = [b["t"] - a["t"] for a, b in zip(self.rows, self.rows[1:], strict=False)
+                   if a in dec and b["decode"]]  # fmt: skip
+
+        def med(key: str) -> float | None:
+            return pct([r[key] for r in dec if key in r], 50)
+
+        return {
+            "decode_steps": len(dec),
+            "period_ms": pct(periods, 50) * 1e3 if periods else None,
+            "launch_ms": med("launch_ms"),
+            "replay_call_ms": med("replay_call_ms"),
+            "gpu_graph_ms": med("gpu_graph_ms"),
+            "collect_wait_ms": med("collect_ms"),
+            "process_cpu_s_per_wall_s": self.cpu_s / self.wall_s,
+            "other_steps": len(self.rows) - len(dec),
+            "other_launch_ms": pct([r["launch_ms"] for r in self.rows if r not in dec], 50),
+            "other_collect_ms": pct(
+                [r["collect_ms"] for r in self.rows if r not in dec and "collect_ms" in r], 50
+            ),
+        }
+
+
 async def engine_phase(args: argparse.Namespace, model: Any, runner: Any) -> dict[str, Any]:
     vocab = bench_gpu.SHAPES[args.shape]["vocab_size"]
     rng = random.Random(1)
@@ -242,7 +342,13 @@ async def engine_phase(args: argparse.Namespace, model: Any, runner: Any) -> dic
         await engine.start()
         try:
             await run_batch(engine, rand_prompts(rng, vocab, 8, SHORT), 8, "w")
-            out[label] = await run_batch(engine, rand_prompts(rng, vocab, 64, SHORT), NEW, "m")
+            prompts = rand_prompts(rng, vocab, 64, SHORT)
+            if args.device == "cuda" and runner.graphs.graphs:
+                with Timeline(runner) as timeline:
+                    out[label] = await run_batch(engine, prompts, NEW, "m")
+                out[label]["timeline"] = timeline.summary(64)
+            else:
+                out[label] = await run_batch(engine, prompts, NEW, "m")
             print(f"engine {label}: {json.dumps(out[label])}", flush=True)
             if pipeline:
                 p = await run_batch(engine, rand_prompts(rng, vocab, 64, SHORT), 1, "p")
@@ -301,12 +407,18 @@ async def client(*argv: str) -> dict[str, Any]:
 
 
 async def server_phase(
-    args: argparse.Namespace, model: Any, runner: Any, result: dict[str, Any], save: Any
+    args: argparse.Namespace,
+    model: Any,
+    runner: Any,
+    result: dict[str, Any],
+    save: Any,
+    *,
+    pipeline: bool = True,
 ) -> None:
     from autoglm_server.app import ServeOptions, ServerProcess
     from autoglm_server.frontend import Phase
 
-    engine = make_engine(args, model, runner, 256)
+    engine = make_engine(args, model, runner, 256, pipeline=pipeline)
     port = _free_port()
     options = ServeOptions(
         host="127.0.0.1", grpc_port=port, http_port=_free_port(), metrics_port=0,
@@ -322,7 +434,7 @@ async def server_phase(
     vocab = str(bench_gpu.SHAPES[args.shape]["vocab_size"])
     try:
         sweep: dict[str, Any] = {}
-        result["server_sweep"] = sweep
+        result["server_sweep" if pipeline else "server_sweep_not_pipelined"] = sweep
         for c in args.levels:
             n = max(4, c * args.requests_per_slot)
             sweep[str(c)] = await client(target, "closed", str(c), str(n), vocab)
@@ -488,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-single", type=int, default=2)
     parser.add_argument("--concurrency", default="1,8,64,256")
     parser.add_argument("--requests-per-slot", type=int, default=2)
+    parser.add_argument(
+        "--compare-not-pipelined", default="", help="levels to run again, engine not pipelined"
+    )
     parser.add_argument("--prefix", action="store_true", help="prefix-256, caching off and on")
     parser.add_argument("--serve", action="store_true", help="serve-1k")
     parser.add_argument("--serve-requests", type=int, default=1000)
@@ -560,6 +675,11 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if args.levels or args.serve:
         asyncio.run(server_phase(args, model, runner, result, save))
+        save()
+    if args.compare_not_pipelined:
+        args.levels = [int(c) for c in args.compare_not_pipelined.split(",")]
+        args.serve = False
+        asyncio.run(server_phase(args, model, runner, result, save, pipeline=False))
         save()
     if args.long_context:
         del runner
