@@ -241,6 +241,10 @@ def load_model(cfg: EngineConfig) -> LoadedModel:
         memory_fraction=cfg.kv_cache_memory_fraction,
         tensor_parallel_size=tp,
     )
+    if quant.reported.startswith("checkpoint:"):
+        from .quant import prepare_checkpoint_config
+
+        prepare_checkpoint_config(hf_config)
     # Sharded or quantised: load on the CPU and move the result, so the whole
     # bf16 model never has to fit the device.
     staged = tp > 1 or quant.method != "none"

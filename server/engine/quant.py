@@ -42,8 +42,10 @@ QUANTIZATIONS = ("none", "fp8", "int8", "int4", "auto")
 _PRECISION_ORDER = ("none", "fp8", "int8", "int4")
 INT4_GROUP_SIZES = (128, 64, 32)
 # Pre-quantised checkpoint formats (config.json quantization_config.quant_method)
-# that load: torchao's own safetensors (any device), and transformers' fine-grained
-# FP8 (CUDA with compute capability >= 8.9; transformers dequantises elsewhere; needs accelerate).
+# that load: torchao's own safetensors, served as stored; and fine-grained FP8
+# (block-scaled e4m3, as DeepSeek/GLM FP8 releases ship): transformers
+# dequantises it while loading (needs accelerate), then it is quantised again as
+# ``fp8`` here, per row, so it runs through the same torchao path as any fp8 model.
 CHECKPOINT_FORMATS = ("torchao", "fp8")
 
 
@@ -178,13 +180,30 @@ def check_checkpoint_quantization(method: str, requested: str) -> None:
             f"does not load (supported: {', '.join(CHECKPOINT_FORMATS)}); use a bf16 checkpoint "
             "with --quantization, or convert it"
         )
-    if requested not in ("none", "auto"):
+    if requested not in ("none", "auto", method):
         raise ModelLoadError(
             f"quantization: the checkpoint is already quantised ({method}); "
             f"--quantization {requested} cannot be applied on top (use auto or none)"
         )
-    if method == "torchao":
-        _require_torchao()
+    _require_torchao()
+    if method == "fp8":
+        try:
+            import accelerate  # noqa: F401 - transformers' FP8 loader needs it
+        except ImportError as exc:
+            raise ModelLoadError(
+                "quantization: an fp8 checkpoint needs accelerate (pip install 'autoglm[quant]')"
+            ) from exc
+
+
+def prepare_checkpoint_config(hf_config: Any) -> None:
+    """Ask transformers to dequantise a fine-grained FP8 checkpoint while loading it."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if checkpoint_quantization(hf_config) != "fp8" or qc is None:
+        return
+    if isinstance(qc, dict):
+        qc["dequantize"] = True
+    else:
+        qc.dequantize = True
 
 
 def _require_torchao() -> Any:
@@ -319,6 +338,9 @@ def plan_quantization(
     stored = checkpoint_quantization(hf_config)
     if stored is not None:
         check_checkpoint_quantization(stored, requested)
+        if stored == "fp8":
+            reason = "fp8 checkpoint: dequantised on load, then fp8 per row"
+            return QuantPlan("fp8", f"checkpoint:{stored}", reason)
         return QuantPlan("none", f"checkpoint:{stored}", "pre-quantised checkpoint")
     if requested != "auto":
         if requested != "none":

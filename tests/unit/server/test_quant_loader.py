@@ -164,6 +164,59 @@ def test_a_pre_quantised_torchao_checkpoint_loads(tiny_model_dir: Path, tmp_path
         load_model(cfg(out, "int4"))
 
 
+def write_fp8_checkpoint(src: Path, out: Path, block: int = 32) -> Path:
+    """A fine-grained FP8 checkpoint as FP8 releases ship it: e4m3 weights with one
+    float32 ``weight_scale_inv`` per ``block x block`` tile of each decoder Linear."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    tensors = {}
+    for name, w in load_file(src / "model.safetensors").items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            rows, cols = w.shape
+            tiles = w.reshape(rows // block, block, cols // block, block)
+            scale = tiles.abs().amax(dim=(1, 3)) / 448.0
+            fp8 = (tiles / scale[:, None, :, None]).reshape(rows, cols)
+            tensors[name] = fp8.to(torch.float8_e4m3fn)
+            tensors[name.replace(".weight", ".weight_scale_inv")] = scale.float()
+        else:
+            tensors[name] = w
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [block, block],
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+async def test_a_fine_grained_fp8_checkpoint_loads_and_generates(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("accelerate")
+    fp8_dir = write_fp8_checkpoint(tiny_model_dir, tmp_path / "fp8")
+    loaded = load_model(cfg(fp8_dir, "auto"))
+    assert loaded.quantization == "checkpoint:fp8"
+    qkv = loaded.model.model.layers[0].self_attn.qkv_proj
+    assert type(qkv.weight).__name__ == "Float8Tensor"  # served through torchao's fp8
+    with pytest.raises(ModelLoadError, match="already quantised"):
+        load_model(cfg(fp8_dir, "int8"))
+
+    engine = build_engine(cfg(fp8_dir, "fp8"))
+    await engine.start()
+    try:
+        got = await generate(engine)
+        assert engine.model_info.quantization == "checkpoint:fp8"
+    finally:
+        await engine.shutdown(grace_s=0)
+    assert [len(t) for t in got] == [12, 12, 12]
+
+
 def test_an_unsupported_pre_quantised_format_is_refused_by_name(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
