@@ -27,6 +27,7 @@ that names it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -186,13 +187,11 @@ def check_checkpoint_quantization(method: str, requested: str) -> None:
             f"--quantization {requested} cannot be applied on top (use auto or none)"
         )
     _require_torchao()
-    if method == "fp8":
-        try:
-            import accelerate  # noqa: F401 - transformers' FP8 loader needs it
-        except ImportError as exc:
-            raise ModelLoadError(
-                "quantization: an fp8 checkpoint needs accelerate (pip install 'autoglm[quant]')"
-            ) from exc
+    if method == "fp8" and importlib.util.find_spec("accelerate") is None:
+        # transformers' loader of FP8 checkpoints needs it
+        raise ModelLoadError(
+            "quantization: an fp8 checkpoint needs accelerate (pip install 'autoglm[quant]')"
+        )
 
 
 def prepare_checkpoint_config(hf_config: Any) -> None:
