@@ -600,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-single", type=int, default=2)
     parser.add_argument("--concurrency", default="1,8,64,256")
     parser.add_argument("--requests-per-slot", type=int, default=2)
+    parser.add_argument("--sync-debug", action="store_true", help="warn on host syncs (engine)")
     parser.add_argument(
         "--compare-not-pipelined", default="", help="levels to run again, engine not pipelined"
     )
@@ -668,7 +669,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"runner: {result['runner']}", flush=True)
     save()
+    if args.sync_debug:
+        # Any op that waits for the device outside collect() shows up in stderr.
+        torch.cuda.set_sync_debug_mode("warn")
     result["engine"] = asyncio.run(engine_phase(args, model, runner))
+    if args.sync_debug:
+        torch.cuda.set_sync_debug_mode("default")
     save()
     if args.prefix:
         result["prefix_256"] = asyncio.run(prefix_phase(args, model, runner))

@@ -106,6 +106,10 @@ class Sampler:
         self._frequency = torch.zeros(num_slots, dtype=torch.float32, device=device)
         # Tokens seen per slot (prompt + output), for the repetition penalty.
         self._seen = torch.zeros(num_slots, vocab_size, dtype=torch.bool, device=device)
+        # ``t[idx] = True`` with a Python value copies it from pageable host memory,
+        # which waits for the whole stream (the step just launched): index_put_ with
+        # this device scalar does not.
+        self._true = torch.ones((), dtype=torch.bool, device=device)
         # Allocated on first use: output token counts and dense logit biases.
         self._counts: torch.Tensor | None = None
         self._bias: torch.Tensor | None = None
@@ -167,18 +171,20 @@ class Sampler:
         self._top_k[slots_d] = params_d[:, 3].to(torch.int64)
         self._presence[slots_d] = params_d[:, 4]
         self._frequency[slots_d] = params_d[:, 5]
-        self._seen[slots_d] = False
+        self._seen.index_fill_(0, slots_d, False)
         wants_counts = any(s.params.presence_penalty or s.params.frequency_penalty for s in new)
         if wants_counts and self._counts is None:
             self._counts = torch.zeros(
                 self.num_slots, self.vocab_size, dtype=torch.int32, device=self.device
             )
         if self._counts is not None:
-            self._counts[slots_d] = 0
+            self._counts.index_fill_(0, slots_d, 0)
             # A request re-admitted after a preemption counts what it generated before.
             for s in new:
                 if s.output_token_ids and (s.params.presence_penalty or s.params.frequency_penalty):
-                    ids = torch.tensor(s.output_token_ids, dtype=torch.int64).to(self.device)
+                    ids = _to_device(
+                        torch.tensor(s.output_token_ids, dtype=torch.int64), self.device
+                    )
                     ones = torch.ones(
                         len(s.output_token_ids), dtype=torch.int32, device=self.device
                     )
@@ -222,7 +228,7 @@ class Sampler:
 
     def mark_seen(self, slots: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Record prompt tokens (device tensors, aligned) for the repetition penalty."""
-        self._seen[slots, token_ids] = True
+        self._seen.index_put_((slots, token_ids), self._true)
 
     def sample(
         self, logits: torch.Tensor, rows: list[ScheduledSeq], slots: torch.Tensor
@@ -270,7 +276,7 @@ class Sampler:
                 if info.any_greedy
                 else sampled
             )
-        self._seen[slots, tokens] = True
+        self._seen.index_put_((slots, tokens), self._true)
         if info.any_counts:
             assert self._counts is not None
             self._counts[slots, tokens] += 1
