@@ -570,6 +570,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="host:port of the gRPC server [env AUTOGLM_TARGET; default %(default)s]",
     )
     parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("AUTOGLM_API_KEY"),
+        help="sent as authorization: Bearer <key> [env AUTOGLM_API_KEY]",
+    )
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's CAs")
+    parser.add_argument("--ca-file", help="PEM CA to trust (implies --tls)")
+    parser.add_argument("--cert-file", help="PEM client certificate for mTLS")
+    parser.add_argument("--key-file", help="PEM client key for mTLS")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from a prompt")
@@ -665,6 +674,22 @@ def _run_generate(client: AutoGLMClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _security_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return {
+        "api_key": args.api_key,
+        "tls": args.tls,
+        "root_certificates": read(args.ca_file),
+        "certificate_chain": read(args.cert_file),
+        "private_key": read(args.key_file),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -679,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(json.dumps(asyncio.run(run_load(args.target, spec))))
             return 0
-        with AutoGLMClient(args.target, timeout=args.timeout) as client:
+        with AutoGLMClient(args.target, timeout=args.timeout, **_security_kwargs(args)) as client:
             if args.command == "generate":
                 return _run_generate(client, args)
             if args.command == "health":

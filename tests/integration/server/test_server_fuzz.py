@@ -12,6 +12,7 @@ each call has a 60 s deadline, so a hang fails the test.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from server_helpers import ServerProcess
 
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2 as pb
 
-EXAMPLES = 60
+EXAMPLES = int(os.environ.get("AUTOGLM_FUZZ_EXAMPLES", "60"))  # more for a longer hunt
 ALLOWED_GRPC = {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "NOT_FOUND"}
 CALL_TIMEOUT_S = 60
 

@@ -10,6 +10,8 @@ import os
 import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -106,6 +108,20 @@ def test_auth_cases_and_their_codes(secured: tuple[ServerProcess, Path]) -> None
         proc.metric("autoglm_api_key_requests_total", key="reader", code="PERMISSION_DENIED") == 2
     )
     assert proc.metric("autoglm_requests_total", code="UNAUTHENTICATED") >= 4
+
+
+def test_the_autoglm_command_sends_the_key(secured: tuple[ServerProcess, Path]) -> None:
+    proc, _ = secured
+    base = [sys.executable, "-m", "autoglm_server.client", "--target", proc.target]
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    env.pop("AUTOGLM_API_KEY", None)
+    refused = subprocess.run([*base, "info"], capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    ok = subprocess.run(
+        [*base, "info"], capture_output=True, text=True, timeout=60,
+        env={**env, "AUTOGLM_API_KEY": "k-reader"},
+    )  # fmt: skip
+    assert ok.returncode == 0 and json.loads(ok.stdout)["name"] == "tiny"
 
 
 def test_limits_and_their_effect(secured: tuple[ServerProcess, Path]) -> None:
