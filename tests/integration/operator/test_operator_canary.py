@@ -308,3 +308,34 @@ def test_the_deployment_from_before_revisions_serves_until_the_new_one_is_ready(
     )
     status = kube.get("deployment", new)["status"]
     assert status.get("readyReplicas") == 1
+
+
+def test_routes_at_rest_cost_no_write(op: OperatorProcess, kube: Kube, cluster: Any) -> None:
+    """The API server's defaults in the routes (group, kind, match types) are written out by
+    the builders, so a route that is as wanted compares equal and is not applied again."""
+    install_gateway_api(cluster)
+    install_istio_crds(cluster)
+    for name, provider in (("quiet-gw", GATEWAY), ("quiet-mesh", {"provider": "istio"})):
+        spec = {"model": SOURCE, "traffic": provider}
+        assert kube.apply(agd(name, spec)).returncode == 0
+        kube.wait_ready(name, timeout=120)
+    kinds = ("grpcroute", "httproute", "virtualservice", "destinationrule")
+
+    def versions() -> dict[str, str]:
+        out = {}
+        for kind in kinds:
+            for name in ("quiet-gw", "quiet-mesh"):
+                obj = kube.get(kind, name)
+                if obj is not None:
+                    out[f"{kind}/{name}"] = obj["metadata"]["resourceVersion"]
+        return out
+
+    before = versions()
+    assert len(before) == 4
+    ticks = op.reconciles()
+    wait_for(
+        lambda: op.reconciles() >= ticks + 6,
+        timeout=6 * op.resync_seconds + 30,
+        message="six reconciles",
+    )
+    assert versions() == before, "a route at rest was written again"
