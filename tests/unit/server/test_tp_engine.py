@@ -139,3 +139,31 @@ def test_unshardable_models_are_refused_naming_the_setting() -> None:
 def test_the_config_refuses_other_sizes(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size: must be 1, 2, 4 or 8"):
         cfg(tiny_model_dir, 3)
+
+
+def failing_on_rank_1(config: EngineConfig) -> object:
+    """A loader that fails on rank 1 only (the ranks find it by this file)."""
+    import torch.distributed as dist
+
+    from autoglm_server.engine.loader import load_model
+
+    if dist.get_rank() == 1:
+        raise ModelLoadError("rank 1 cannot load (test)")
+    return load_model(config)
+
+
+async def test_a_rank_that_fails_to_load_fails_the_start_without_a_hang(
+    tiny_model_dir: Path,
+) -> None:
+    engine = LLMEngine(cfg(tiny_model_dir, 2), loader=failing_on_rank_1)
+    fatal: list[BaseException] = []
+    engine.on_fatal = fatal.append
+    async with asyncio.timeout(120):  # a hang would wait on rank 1's collective for ever
+        with pytest.raises(Exception) as err:
+            await engine.start()
+    assert engine._tp is not None
+    # no rank is left running (rank 1 exited with 1, or was killed on the way out)
+    assert all(p.returncode not in (None, 0) for p in engine._tp.procs)
+    assert not engine.is_ready()
+    # whichever came first: rank 0's collective failing, or the watcher of rank 1
+    assert "Connection closed" in str(err.value) or "rank 1" in str(err.value) or fatal
