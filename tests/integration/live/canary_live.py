@@ -146,6 +146,13 @@ def describe_revision_pods(kube: Kube, name: str) -> str:
     return "\n".join(lines) or "(no pods)"
 
 
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    if pod["metadata"].get("deletionTimestamp"):
+        return False
+    conditions = pod.get("status", {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
 def pod_requests(ip: str, code: str = "OK") -> float:
     """A pod's server's autoglm_requests_total{code} from its own /metrics."""
     with urllib.request.urlopen(f"http://{ip}:{METRICS_PORT}/metrics", timeout=10) as resp:
@@ -274,8 +281,8 @@ class Load:
 
 @dataclass
 class StableWatch:
-    """Polls the stable revision (status.revisions[0]) and its Deployment's ready
-    pods every ``interval_s``; ``below`` lists the samples under ``minimum`` once the
+    """Polls the stable revision (status.revisions[0]) and its ready pods every
+    ``interval_s``; ``below`` lists the samples under ``minimum`` once the
     stable was first seen at its minimum."""
 
     kube: Kube
@@ -292,8 +299,9 @@ class StableWatch:
         if not revs:
             return
         stable = str(revs[0]["name"])
-        dep = self.kube.get("deployment", f"{self.name}-{stable}")
-        ready = int(((dep or {}).get("status") or {}).get("readyReplicas") or 0)
+        # Pods, not the Deployment's status: the operator promotes on pod readiness,
+        # and the Deployment's readyReplicas follows a moment later.
+        ready = sum(1 for p in revision_pods(self.kube, self.name, stable) if _pod_ready(p))
         now = time.time()
         seen_ready = any(r >= self.minimum for _, _, r in self.samples)
         self.samples.append((now, stable, ready))
@@ -312,6 +320,10 @@ class StableWatch:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop sampling (before the AutoGLMDeployment is deleted on purpose)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)

@@ -11,7 +11,10 @@ goes through, in order:
 2. a manual promote (the ``canary-action`` annotation): the canary's pods become
    the stable ones without a restart, the old stable stays warm;
 3. ``rollbackTo`` the old revision, inside the warm window: a weight flip, timed
-   from the patch to the route's weight 100 (< 10 s).
+   from the patch to the route's weight 100 (< 10 s);
+4. ``rollbackTo`` the revision promoted in 2, once its warm window (45 s here)
+   is over and its pods are gone: a normal rollout (its pods start again, it
+   takes the traffic when Ready).
 
 Then ``rp`` (provider ``replicas``, 2 replicas, canary weight 33: one canary pod
 beside two stable ones): 1,000 requests with the project's gRPC client balancing
@@ -58,6 +61,7 @@ from live_helpers import Kube, OperatorProcess, ready_addresses, wait_for
 from autoglm_dev.addons import AddonEndpoints, endpoints
 from autoglm_dev.cluster import LocalCluster, install_crd
 from autoglm_dev.waiting import wait_until
+from autoglm_operator.canary import parse_time
 from autoglm_server.client import AutoGLMClient
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2_grpc as pb_grpc
 
@@ -70,6 +74,8 @@ TOLERANCE_POINTS = 3.0
 CONCURRENCY = 4
 CANARY_BATCHING = {"maxBatchSize": 2}
 INSTANT_ROLLBACK_LIMIT_S = 10.0
+# Short, so that the test after the instant rollback can wait it out.
+WARM_WINDOW = "45s"
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +112,13 @@ def tr(env: tuple[Kube, OperatorProcess, AddonEndpoints]) -> Iterator[dict[str, 
     """``tr`` Ready at its first revision, watched for the stable minimum until the module ends."""
     kube, op, _ = env
     host = f"{NAME}.{kube.namespace}.example"
-    kube.apply(canary_agd(NAME, host=host))
+    kube.apply(canary_agd(NAME, host=host, rollout={"instantRollbackWindow": WARM_WINDOW}))
     wait_ready(kube, NAME, op)
     state: dict[str, Any] = {"host": host, "first": revisions(kube, NAME)[0]["name"]}
     with StableWatch(kube, NAME) as watch:
         state["watch"] = watch
         yield state
-    record("stable_minimum", agd=NAME, summary=watch.check())
+    watch.check()
 
 
 def _service(revision: str) -> str:
@@ -220,6 +226,8 @@ def test_instant_rollback_to_history_inside_the_warm_window(
 ) -> None:
     kube, op, gw = env
     old = tr["first"]
+    warm = next(r for r in revisions(kube, NAME) if r["name"] == old).get("warmUntil")
+    assert warm and (parse_time(warm) or 0) > time.time() + 5, f"{old} warm until {warm}"
     with Load(gw.gateway_port, tr["host"], workers=1, pause_s=0.05) as load:
         sent = patch_spec(kube, NAME, {"rollbackTo": old})
         flipped = wait_until(
@@ -241,11 +249,48 @@ def test_instant_rollback_to_history_inside_the_warm_window(
     assert set(load.outcomes) == {"OK"}, load.outcomes  # no request lost in the flip
 
 
+def test_rollback_after_the_warm_window_starts_the_revision_again(
+    env: tuple[Kube, OperatorProcess, AddonEndpoints], tr: dict[str, Any]
+) -> None:
+    kube, op, _ = env
+    target = tr["canary"]  # promoted, then left by the rollback: warm for WARM_WINDOW only
+    wait_for(
+        lambda: not revision_pods(kube, NAME, target),
+        timeout=180,
+        message=lambda: f"{target}'s pods gone after the window: {revisions(kube, NAME)}",
+    )
+    sent = patch_spec(kube, NAME, {"rollbackTo": target})
+    st = wait_phase(kube, NAME, ("Promoting",), op, timeout=60)
+    assert st["canaryRevision"] == target
+    assert route_weights(kube, "grpcroute", NAME).get(_service(target), 0) == 0  # not Ready yet
+    st = wait_for(
+        lambda: (
+            s
+            if (s := canary_status(kube, NAME)).get("phase") == "Promoted"
+            and s.get("stableRevision") == target
+            else None
+        ),
+        timeout=480,
+        message=lambda: f"{target} promoted again: {canary_status(kube, NAME)}\n{op.log_tail()}",
+    )
+    elapsed = (parse_time(st["promotedAt"]) or 0) - sent
+    record("rollback_after_window", seconds_patch_to_promoted=round(elapsed, 1))
+    assert st["reason"] == "RolledBackTo"
+    assert revision_pods(kube, NAME, target), "the revision runs again"
+    wait_for(
+        lambda: route_weights(kube, "grpcroute", NAME).get(_service(target)) == 100,
+        timeout=30,
+        message=lambda: f"grpcroute at 100 to {target}: {route_weights(kube, 'grpcroute', NAME)}",
+    )
+
+
 def test_replicas_provider_splits_by_replica_ratio_with_the_client(
     env: tuple[Kube, OperatorProcess, AddonEndpoints], tr: dict[str, Any]
 ) -> None:
     kube, op, _ = env
-    # Room for rp's three servers on two cores: tr is done.
+    # Room for rp's three servers on two cores: tr is done (its watch ends first).
+    tr["watch"].stop()
+    record("stable_minimum", agd=NAME, summary=tr["watch"].check())
     kube.run("delete", "agd", NAME, "--timeout=90s", check=False)
     name, weight = "rp", 33
     kube.apply(canary_agd(name, provider="replicas", replicas=2))
