@@ -158,7 +158,7 @@ async def test_a_rank_that_fails_to_load_fails_the_start_without_a_hang(
     engine = LLMEngine(cfg(tiny_model_dir, 2), loader=failing_on_rank_1)
     fatal: list[BaseException] = []
     engine.on_fatal = fatal.append
-    async with asyncio.timeout(120):  # a hang would wait on rank 1's collective for ever
+    async with asyncio.timeout(300):  # a hang would wait on rank 1's collective for ever
         with pytest.raises(Exception) as err:
             await engine.start()
     assert engine._tp is not None
