@@ -38,6 +38,7 @@ from .spec import (
     KIND,
     AutoGLMDeploymentSpec,
     AutoscalingTarget,
+    FileRef,
     compute_model_version,
     parse_source,
 )
@@ -51,6 +52,21 @@ HF_HOME = "/var/cache/huggingface"
 MODELS_MOUNT = "/models"
 DIGESTS_MOUNT = "/etc/autoglm/digests"
 DIGESTS_FILE = "sha256.json"
+# Secrets and ConfigMaps are mounted as whole directories (never subPath), so an
+# update of the object reaches the running pod (the kubelet swaps the files).
+API_KEYS_MOUNT = "/etc/autoglm/api-keys"
+TLS_MOUNT = "/etc/autoglm/tls"
+CLIENT_CA_MOUNT = "/etc/autoglm/client-ca"
+CHAT_TEMPLATE_MOUNT = "/etc/autoglm/chat-template"
+SIGNING_KEY_MOUNT = "/etc/autoglm/signing-key"
+SIGNATURE_MOUNT = "/etc/autoglm/model-signature"
+COMPILE_CACHE_MOUNT = "/var/cache/autoglm/compile"
+# With more than one GPU the server runs one process per GPU, talking over NCCL.
+NCCL_ENV: tuple[tuple[str, str], ...] = (
+    ("NCCL_DEBUG", "WARN"),
+    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+    ("NCCL_ASYNC_ERROR_HANDLING", "1"),
+)
 TERMINATION_GRACE_EXTRA_SECONDS = 15
 # Before SIGTERM the pod waits this long, so that its removal from the
 # EndpointSlices reaches the Gateway and the clients that balance over the
@@ -112,11 +128,27 @@ def build_scrape_annotations(spec: AutoGLMDeploymentSpec) -> dict[str, str]:
 # ---- config checksum ---------------------------------------------------------
 
 
+# Fields added after the checksum was first computed, left out while unset.
+_NEW_MODEL_FIELDS = frozenset({"quantization", "signature"})
+_NEW_SERVER_FIELDS = frozenset(
+    {"auth", "tls", "chatTemplate", "toolCallParser", "http", "compile", "env", "envFrom", "pod"}
+)
+
+
+def _drop_unset(data: dict[str, Any], fields: frozenset[str]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if not (k in fields and v is None)}
+
+
 def compute_config_checksum(spec: AutoGLMDeploymentSpec) -> str:
-    """SHA-256 of the model and server config: a change rolls the pods."""
+    """SHA-256 of the model and server config: a change rolls the pods.
+
+    Optional fields left unset are left out, so that adding a field to the API
+    does not change the checksum (and roll every pod) of specs that don't use it."""
     payload = {
-        "model": spec.model.model_dump(mode="json", by_alias=True),
-        "server": spec.server.model_dump(mode="json", by_alias=True),
+        "model": _drop_unset(spec.model.model_dump(mode="json", by_alias=True), _NEW_MODEL_FIELDS),
+        "server": _drop_unset(
+            spec.server.model_dump(mode="json", by_alias=True), _NEW_SERVER_FIELDS
+        ),
     }
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -131,14 +163,73 @@ def build_digests_json(spec: AutoGLMDeploymentSpec) -> str:
 # ---- the Deployment ------------------------------------------------------------
 
 
-def build_env(spec: AutoGLMDeploymentSpec, owner: Owner) -> list[dict[str, str]]:
-    """The server's environment: the contract in docs/architecture.md."""
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def build_model_path(spec: AutoGLMDeploymentSpec) -> str:
+    """Where the server finds the model (AUTOGLM_MODEL)."""
+    source = parse_source(spec.model.source)
+    if source.scheme == "pvc":
+        return f"{MODELS_MOUNT}/{source.path}" if source.path else MODELS_MOUNT
+    return spec.model.source  # hf://... (resolved by the server) or an absolute path
+
+
+def build_feature_env(spec: AutoGLMDeploymentSpec) -> list[tuple[str, str]]:
+    """The environment of the optional server features (auth, TLS, signing, ...)."""
+    model, server = spec.model, spec.server
+    env: list[tuple[str, str]] = []
+    if model.quantization is not None:
+        env.append(("AUTOGLM_QUANTIZATION", model.quantization))
+    if model.signature is not None:
+        sig = model.signature
+        env.append(
+            ("AUTOGLM_MODEL_SIGNING_PUBLIC_KEY", f"{SIGNING_KEY_MOUNT}/{sig.public_key.key}")
+        )
+        if sig.bundle is not None:
+            env.append(("AUTOGLM_MODEL_SIGNATURE", f"{SIGNATURE_MOUNT}/{sig.bundle.key}"))
+        elif sig.bundle_path is not None:
+            path = f"{build_model_path(spec).rstrip('/')}/{sig.bundle_path}"
+            env.append(("AUTOGLM_MODEL_SIGNATURE", path))
+    gpus = spec.resources.gpus
+    if gpus > 1:
+        env.append(("AUTOGLM_TENSOR_PARALLEL_SIZE", str(gpus)))
+    if server.auth is not None:
+        env.append(("AUTOGLM_API_KEYS_FILE", f"{API_KEYS_MOUNT}/{server.auth.key}"))
+        env.append(("AUTOGLM_METRICS_AUTH", _bool(server.auth.metrics_auth)))
+    if server.tls is not None:
+        tls = server.tls
+        env.append(("AUTOGLM_TLS_CERT_FILE", f"{TLS_MOUNT}/tls.crt"))
+        env.append(("AUTOGLM_TLS_KEY_FILE", f"{TLS_MOUNT}/tls.key"))
+        if tls.client_ca_secret is not None:
+            ca_dir = TLS_MOUNT if tls.client_ca_secret == tls.secret_name else CLIENT_CA_MOUNT
+            env.append(("AUTOGLM_TLS_CLIENT_CA_FILE", f"{ca_dir}/{tls.client_ca_key}"))
+    if server.chat_template is not None:
+        env.append(("AUTOGLM_CHAT_TEMPLATE", f"{CHAT_TEMPLATE_MOUNT}/{server.chat_template.key}"))
+    if server.tool_call_parser is not None:
+        env.append(("AUTOGLM_TOOL_CALL_PARSER", server.tool_call_parser))
+    if server.http is not None:
+        if server.http.max_body_bytes is not None:
+            env.append(("AUTOGLM_HTTP_MAX_BODY_BYTES", str(server.http.max_body_bytes)))
+        if server.http.request_timeout_seconds is not None:
+            env.append(
+                ("AUTOGLM_HTTP_REQUEST_TIMEOUT_SECONDS", str(server.http.request_timeout_seconds))
+            )
+    if server.compile is not None:
+        env.append(("AUTOGLM_COMPILE", _bool(server.compile.enabled)))
+        if server.compile.cache_volume is not None:
+            env.append(("AUTOGLM_COMPILE_CACHE_DIR", COMPILE_CACHE_MOUNT))
+    return env
+
+
+def build_env(spec: AutoGLMDeploymentSpec, owner: Owner) -> list[Manifest]:
+    """The server's environment: the contract in docs/architecture.md.
+
+    The operator's AUTOGLM_* variables, then its defaults (HF_*, NCCL_*), which a
+    ``spec.server.env`` entry of the same name replaces, then the user's own."""
     model, server, batching = spec.model, spec.server, spec.server.batching
     source = parse_source(model.source)
-    if source.scheme == "pvc":
-        model_path = f"{MODELS_MOUNT}/{source.path}" if source.path else MODELS_MOUNT
-    else:
-        model_path = model.source  # hf://... (resolved by the server) or an absolute path
+    model_path = build_model_path(spec)
     env: list[tuple[str, str]] = [
         ("AUTOGLM_MODEL", model_path),
         ("AUTOGLM_SERVED_MODEL_NAME", model.served_name or owner.name),
@@ -161,13 +252,76 @@ def build_env(spec: AutoGLMDeploymentSpec, owner: Owner) -> list[dict[str, str]]
         env.append(("AUTOGLM_MAX_MODEL_LEN", str(model.max_model_len)))
     if model.sha256:
         env.append(("AUTOGLM_SHA256_FILE", f"{DIGESTS_MOUNT}/{DIGESTS_FILE}"))
+    env += build_feature_env(spec)
+    defaults: list[tuple[str, str]] = []
     if source.scheme == "hf":
-        env.append(("HF_HOME", HF_HOME))
+        defaults.append(("HF_HOME", HF_HOME))
         if model.hf_cache_claim is not None:
             # A pre-populated cache: resolve offline. Without one the server
             # downloads into the (empty, writable) HF_HOME at start.
-            env.append(("HF_HUB_OFFLINE", "1"))
-    return [{"name": k, "value": v} for k, v in env]
+            defaults.append(("HF_HUB_OFFLINE", "1"))
+    if spec.resources.gpus > 1:
+        defaults += NCCL_ENV
+    user = [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in server.env or []]
+    mine = {e["name"] for e in user}
+    out: list[Manifest] = [{"name": k, "value": v} for k, v in env]
+    out += [{"name": k, "value": v} for k, v in defaults if k not in mine]
+    return out + user
+
+
+def _file_volume(name: str, ref: FileRef) -> Manifest:
+    if ref.secret is not None:
+        return {"name": name, "secret": {"secretName": ref.secret}}
+    return {"name": name, "configMap": {"name": ref.config_map}}
+
+
+def build_feature_volumes(spec: AutoGLMDeploymentSpec) -> tuple[list[Manifest], list[Manifest]]:
+    """(volumes, volumeMounts) of the optional features: whole Secrets and
+    ConfigMaps as read-only directories (rotation reaches the pod), the compile cache."""
+    server, sig = spec.server, spec.model.signature
+    volumes: list[Manifest] = []
+    mounts: list[Manifest] = []
+
+    def add(volume: Manifest, path: str, read_only: bool = True) -> None:
+        volumes.append(volume)
+        mount: Manifest = {"name": volume["name"], "mountPath": path}
+        if read_only:
+            mount["readOnly"] = True
+        mounts.append(mount)
+
+    if server.auth is not None:
+        add(
+            {"name": "api-keys", "secret": {"secretName": server.auth.api_keys_secret}},
+            API_KEYS_MOUNT,
+        )
+    if server.tls is not None:
+        tls = server.tls
+        add({"name": "tls", "secret": {"secretName": tls.secret_name}}, TLS_MOUNT)
+        if tls.client_ca_secret is not None and tls.client_ca_secret != tls.secret_name:
+            add(
+                {"name": "client-ca", "secret": {"secretName": tls.client_ca_secret}},
+                CLIENT_CA_MOUNT,
+            )
+    if server.chat_template is not None:
+        add(
+            {"name": "chat-template", "configMap": {"name": server.chat_template.config_map}},
+            CHAT_TEMPLATE_MOUNT,
+        )
+    if sig is not None:
+        add(_file_volume("signing-key", sig.public_key), SIGNING_KEY_MOUNT)
+        if sig.bundle is not None:
+            add(_file_volume("model-signature", sig.bundle), SIGNATURE_MOUNT)
+    cache = server.compile.cache_volume if server.compile is not None else None
+    if cache is not None:
+        if cache.claim_name is not None:
+            volume: Manifest = {
+                "name": "compile-cache",
+                "persistentVolumeClaim": {"claimName": cache.claim_name},
+            }
+        else:
+            volume = {"name": "compile-cache", "emptyDir": {}}
+        add(volume, COMPILE_CACHE_MOUNT, read_only=False)
+    return volumes, mounts
 
 
 def build_volumes(
@@ -213,7 +367,8 @@ def build_volumes(
             }
         )
         mounts.append({"name": "model-digests", "mountPath": DIGESTS_MOUNT, "readOnly": True})
-    return volumes, mounts
+    more_volumes, more_mounts = build_feature_volumes(spec)
+    return volumes + more_volumes, mounts + more_mounts
 
 
 def build_tolerations(spec: AutoGLMDeploymentSpec) -> list[Manifest]:
@@ -226,7 +381,36 @@ def build_tolerations(spec: AutoGLMDeploymentSpec) -> list[Manifest]:
 
 
 def build_probes(spec: AutoGLMDeploymentSpec) -> dict[str, Manifest]:
-    """Native gRPC probes against grpc.health.v1 on the gRPC port."""
+    """Native gRPC probes against grpc.health.v1 on the gRPC port; with TLS (which
+    the kubelet's gRPC probe can't speak) HTTP GETs of /readyz and /healthz on
+    the metrics port, which stays plain HTTP."""
+    if spec.server.tls is not None:
+        metrics = spec.server.metrics_port
+
+        def get(path: str) -> Manifest:
+            return {"path": path, "port": metrics, "scheme": "HTTP"}
+
+        return {
+            # /readyz answers 503 until the model is loaded and warm, as the
+            # gRPC overall status answers NOT_SERVING.
+            "startupProbe": {
+                "httpGet": get("/readyz"),
+                "periodSeconds": 10,
+                "failureThreshold": 180,
+            },
+            "livenessProbe": {
+                "httpGet": get("/healthz"),
+                "periodSeconds": 10,
+                "timeoutSeconds": 5,
+                "failureThreshold": 6,
+            },
+            "readinessProbe": {
+                "httpGet": get("/readyz"),
+                "periodSeconds": 5,
+                "timeoutSeconds": 5,
+                "failureThreshold": 3,
+            },
+        }
     port = spec.server.grpc_port
     return {
         # Loading and warming a large model takes minutes: up to 30 min here.
@@ -244,6 +428,30 @@ def build_probes(spec: AutoGLMDeploymentSpec) -> dict[str, Manifest]:
             "failureThreshold": 3,
         },
     }
+
+
+def build_pod_knobs(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest:
+    """``spec.server.pod``'s pod-level fields, in Pod spec form."""
+    knobs = spec.server.pod
+    if knobs is None:
+        return {}
+    out: Manifest = {}
+    if knobs.service_account_name is not None:
+        out["serviceAccountName"] = knobs.service_account_name
+    if knobs.priority_class_name is not None:
+        out["priorityClassName"] = knobs.priority_class_name
+    if knobs.image_pull_secrets:
+        out["imagePullSecrets"] = [{"name": n} for n in knobs.image_pull_secrets]
+    if knobs.affinity is not None:
+        out["affinity"] = knobs.affinity
+    if knobs.topology_spread_constraints:
+        out["topologySpreadConstraints"] = [
+            c
+            if "labelSelector" in c
+            else {**c, "labelSelector": {"matchLabels": build_selector_labels(owner)}}
+            for c in knobs.topology_spread_constraints
+        ]
+    return out
 
 
 def compute_fixed_replicas(spec: AutoGLMDeploymentSpec) -> int | None:
@@ -287,6 +495,16 @@ def build_deployment(
             {"name": "metrics", "containerPort": server.metrics_port, "protocol": "TCP"},
         ],
         "env": build_env(spec, owner),
+        **(
+            {
+                "envFrom": [
+                    e.model_dump(mode="json", by_alias=True, exclude_none=True)
+                    for e in server.env_from
+                ]
+            }
+            if server.env_from
+            else {}
+        ),
         "resources": {
             "requests": {"cpu": res.cpu, "memory": res.memory, GPU_RESOURCE: str(res.gpus)},
             "limits": {"memory": res.memory, GPU_RESOURCE: str(res.gpus)},
@@ -323,12 +541,21 @@ def build_deployment(
     }
     if res.gpu_product is not None:
         pod_spec["nodeSelector"] = {GPU_PRODUCT_LABEL: res.gpu_product}
+    pod_spec.update(build_pod_knobs(spec, owner))
+    knobs = server.pod
+    # The operator's own keys last: a pod label never replaces a selector label
+    # (the schema refuses them too).
     template_annotations = {
+        **((knobs.annotations or {}) if knobs is not None else {}),
         CHECKSUM_ANNOTATION: compute_config_checksum(spec),
         REVISION_ANNOTATION: compute_model_version(spec.model),
         **build_scrape_annotations(spec),
     }
-    pod_labels = {**build_labels(owner), REVISION_LABEL: revision}
+    pod_labels = {
+        **((knobs.labels or {}) if knobs is not None else {}),
+        **build_labels(owner),
+        REVISION_LABEL: revision,
+    }
     deployment_spec: Manifest = {
         "selector": {"matchLabels": build_revision_selector(owner, revision)},
         "strategy": {
@@ -516,6 +743,68 @@ def build_digests_configmap(
     }
 
 
+# ---- network policy ---------------------------------------------------------------
+
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+def _from_namespaces(names: Iterable[str]) -> list[Manifest]:
+    return [
+        {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: n}}}
+        for n in sorted(set(names))
+    ]
+
+
+def build_network_policy(spec: AutoGLMDeploymentSpec, owner: Owner) -> Manifest | None:
+    """A NetworkPolicy ``<name>`` over every revision's pods: the gRPC and HTTP ports
+    from this namespace (unless turned off), the listed namespaces and the Gateway's;
+    the metrics port from the Prometheus namespaces. None when disabled.
+
+    Kubelet probes come from the node and are not subject to NetworkPolicy; with
+    TLS they use the metrics port, which stays reachable from the node."""
+    policy = spec.network_policy
+    if not policy.enabled:
+        return None
+    server = spec.server
+    serving_from: list[Manifest] = []
+    if policy.allow_same_namespace:
+        serving_from.append({"podSelector": {}})
+    clients = list(policy.from_namespaces)
+    if spec.traffic is not None and spec.traffic.gateway is not None:
+        clients.append(spec.traffic.gateway.namespace or owner.namespace)
+    serving_from += _from_namespaces(n for n in clients if n != owner.namespace)
+    ingress: list[Manifest] = []
+    if serving_from:
+        ingress.append(
+            {
+                "from": serving_from,
+                "ports": [
+                    {"port": server.grpc_port, "protocol": "TCP"},
+                    {"port": server.http_port, "protocol": "TCP"},
+                ],
+            }
+        )
+    if policy.from_prometheus_namespaces:
+        ingress.append(
+            {
+                "from": _from_namespaces(policy.from_prometheus_namespaces),
+                "ports": [{"port": server.metrics_port, "protocol": "TCP"}],
+            }
+        )
+    policy_spec: Manifest = {
+        "podSelector": {"matchLabels": build_selector_labels(owner)},
+        "policyTypes": ["Ingress"],
+    }
+    if ingress:  # none: deny all ingress (the API server drops an empty list)
+        policy_spec["ingress"] = ingress
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": build_metadata(owner, owner.name),
+        "spec": policy_spec,
+    }
+
+
 # ---- everything ------------------------------------------------------------------
 
 # Every child kind the operator owns -> its apiVersion. Children of these kinds
@@ -526,6 +815,7 @@ CHILD_KINDS: dict[str, str] = {
     "Service": "v1",
     "HorizontalPodAutoscaler": "autoscaling/v2",
     "PodDisruptionBudget": "policy/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
     **TRAFFIC_KINDS,
 }
 
@@ -575,6 +865,7 @@ def build_children(
         build_service(stable, owner),
         build_headless_service(stable, owner),
         build_pdb(spec, owner),
+        build_network_policy(spec, owner),
     ]
     return children + [c for c in tail if c is not None]
 

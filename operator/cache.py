@@ -34,6 +34,7 @@ CHILD_INDEXES: dict[str, str] = {
     "ConfigMap": "child_configmaps",
     "HorizontalPodAutoscaler": "child_hpas",
     "PodDisruptionBudget": "child_pdbs",
+    "NetworkPolicy": "child_networkpolicies",
     "GRPCRoute": "child_grpcroutes",
     "HTTPRoute": "child_httproutes",
     "VirtualService": "child_virtualservices",

@@ -66,6 +66,7 @@ CHILD_RESOURCES = (
     ("", "v1", "configmaps", "ConfigMap"),
     ("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
     ("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget"),
+    ("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
     ("gateway.networking.k8s.io", "v1", "grpcroutes", "GRPCRoute"),
     ("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute"),
     ("networking.istio.io", "v1beta1", "virtualservices", "VirtualService"),

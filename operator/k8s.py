@@ -52,6 +52,11 @@ _RESOURCES: dict[tuple[str, str], tuple[str, str, bool]] = {
         True,
     ),
     ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets", True),
+    ("networking.k8s.io/v1", "NetworkPolicy"): (
+        "/apis/networking.k8s.io/v1",
+        "networkpolicies",
+        True,
+    ),
     (f"{GROUP}/{VERSION}", "AutoGLMDeployment"): (f"/apis/{GROUP}/{VERSION}", PLURAL, True),
     ("gateway.networking.k8s.io/v1", "GRPCRoute"): (
         "/apis/gateway.networking.k8s.io/v1",

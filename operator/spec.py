@@ -42,6 +42,46 @@ class _Model(BaseModel):
     )
 
 
+# A Kubernetes object name (DNS-1123 subdomain) and a ConfigMap/Secret data key.
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=OBJECT_NAME_PATTERN)]
+DATA_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+DataKey = Annotated[str, Field(min_length=1, max_length=253, pattern=DATA_KEY_PATTERN)]
+
+
+class FileRef(_Model):
+    """A file from a ConfigMap or a Secret (exactly one), mounted as a directory."""
+
+    config_map: ObjectName | None = None
+    secret: ObjectName | None = None
+    key: DataKey
+
+    @model_validator(mode="after")
+    def _check(self) -> FileRef:
+        if (self.config_map is None) == (self.secret is None):
+            raise ValueError("a file reference needs exactly one of configMap or secret")
+        return self
+
+
+class SignatureSpec(_Model):
+    """``spec.model.signature``: an OpenSSF model-signing signature checked before load."""
+
+    public_key: FileRef
+    bundle: FileRef | None = None
+    bundle_path: str | None = Field(default=None, min_length=1, max_length=512)
+
+    @model_validator(mode="after")
+    def _check(self) -> SignatureSpec:
+        if self.bundle is not None and self.bundle_path is not None:
+            raise ValueError("model.signature takes bundle or bundlePath, not both")
+        if self.bundle_path is not None and check_digest_key(self.bundle_path) is not None:
+            raise ValueError(
+                "model.signature.bundlePath must be a path relative to the model directory "
+                "(not starting with '/', no '..')"
+            )
+        return self
+
+
 class ModelSpec(_Model):
     """``spec.model``: which model to serve and how to load it."""
 
@@ -64,6 +104,8 @@ class ModelSpec(_Model):
         max_length=253,
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
     )
+    quantization: Literal["none", "fp8", "int8", "int4", "auto"] | None = None
+    signature: SignatureSpec | None = None
 
     @model_validator(mode="after")
     def _check_source(self) -> ModelSpec:
@@ -87,6 +129,15 @@ class ModelSpec(_Model):
             problem = check_digest_key(key)
             if problem is not None:
                 raise ValueError(problem)
+        if (
+            self.signature is not None
+            and self.signature.bundle_path is not None
+            and s.startswith("hf://")
+        ):
+            raise ValueError(
+                "model.signature.bundlePath needs a pvc:// or image path model.source; "
+                "with hf:// give model.signature.bundle (or leave both out: <model>/model.sig)"
+            )
         return self
 
 
@@ -110,6 +161,9 @@ class Toleration(_Model):
         return self
 
 
+TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
+
+
 class ResourcesSpec(_Model):
     """``spec.resources``: what each server pod gets from its node."""
 
@@ -124,6 +178,15 @@ class ResourcesSpec(_Model):
     cpu: Quantity = "4"
     memory: Quantity = "32Gi"
     shm_size: Quantity = "8Gi"
+
+    @model_validator(mode="after")
+    def _check(self) -> ResourcesSpec:
+        if self.gpus not in TENSOR_PARALLEL_SIZES:
+            raise ValueError(
+                "resources.gpus must be 1, 2, 4 or 8 (more than one GPU means tensor "
+                "parallelism over them, --tensor-parallel-size)"
+            )
+        return self
 
 
 class BatchingSpec(_Model):
@@ -142,6 +205,154 @@ class BatchingSpec(_Model):
         return self
 
 
+class AuthSpec(_Model):
+    """``spec.server.auth``: API keys from a Secret (re-read when it rotates)."""
+
+    api_keys_secret: ObjectName
+    key: DataKey = "keys.json"
+    metrics_auth: bool = False
+
+
+class TLSSpec(_Model):
+    """``spec.server.tls``: TLS (and mTLS) on the gRPC and HTTP ports."""
+
+    secret_name: ObjectName
+    client_ca_secret: ObjectName | None = Field(default=None, alias="clientCASecret")
+    client_ca_key: DataKey = Field(default="ca.crt", alias="clientCAKey")
+
+
+class ChatTemplateSpec(_Model):
+    """``spec.server.chatTemplate``: a Jinja chat template from a ConfigMap."""
+
+    config_map: ObjectName
+    key: DataKey
+
+
+class HTTPSpec(_Model):
+    """``spec.server.http``: the HTTP front end's limits."""
+
+    max_body_bytes: int | None = Field(default=None, ge=1024, le=1073741824)
+    request_timeout_seconds: int | None = Field(default=None, ge=0, le=86400)
+
+
+class CompileCacheVolume(_Model):
+    """``spec.server.compile.cacheVolume``: a PVC (exactly one of claimName, emptyDir)."""
+
+    claim_name: ObjectName | None = None
+    empty_dir: bool | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CompileCacheVolume:
+        if (self.claim_name is None) == (not self.empty_dir):
+            raise ValueError(
+                "server.compile.cacheVolume needs exactly one of claimName or emptyDir: true"
+            )
+        return self
+
+
+class CompileSpec(_Model):
+    """``spec.server.compile``: torch.compile and where its cache lives."""
+
+    enabled: bool = True
+    cache_volume: CompileCacheVolume | None = None
+
+
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+
+class KeyRef(_Model):
+    """``valueFrom.secretKeyRef`` / ``configMapKeyRef``."""
+
+    name: ObjectName
+    key: DataKey
+    optional: bool | None = None
+
+
+class EnvVarSource(_Model):
+    """``env[].valueFrom``: exactly one of secretKeyRef, configMapKeyRef."""
+
+    secret_key_ref: KeyRef | None = None
+    config_map_key_ref: KeyRef | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> EnvVarSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("env valueFrom needs exactly one of secretKeyRef or configMapKeyRef")
+        return self
+
+
+class EnvVar(_Model):
+    """One entry of ``spec.server.env``."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=ENV_NAME_PATTERN)
+    value: str | None = Field(default=None, max_length=32768)
+    value_from: EnvVarSource | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> EnvVar:
+        if self.name.startswith("AUTOGLM_"):
+            raise ValueError(
+                f"server.env {self.name}: AUTOGLM_* variables are set by the operator from "
+                "the typed fields"
+            )
+        if self.value is not None and self.value_from is not None:
+            raise ValueError(f"server.env {self.name}: value and valueFrom are exclusive")
+        return self
+
+
+class ObjectRef(_Model):
+    """``envFrom[].secretRef`` / ``configMapRef``."""
+
+    name: ObjectName
+    optional: bool | None = None
+
+
+class EnvFromSource(_Model):
+    """One entry of ``spec.server.envFrom``: exactly one of secretRef, configMapRef."""
+
+    prefix: str | None = Field(default=None, max_length=253, pattern=ENV_NAME_PATTERN)
+    secret_ref: ObjectRef | None = None
+    config_map_ref: ObjectRef | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> EnvFromSource:
+        if (self.secret_ref is None) == (self.config_map_ref is None):
+            raise ValueError("server.envFrom entries need exactly one of secretRef or configMapRef")
+        return self
+
+
+# Labels the operator sets on its pods: a pod label may not take these keys.
+RESERVED_LABEL_PREFIXES = ("app.kubernetes.io/", "serving.autoglm.io/")
+LabelKey = Annotated[str, Field(min_length=1, max_length=317)]
+
+
+class PodSpec(_Model):
+    """``spec.server.pod``: pod-level knobs that reach every server pod."""
+
+    labels: dict[LabelKey, Annotated[str, Field(max_length=63)]] | None = Field(
+        default=None, max_length=64
+    )
+    annotations: dict[LabelKey, Annotated[str, Field(max_length=4096)]] | None = Field(
+        default=None, max_length=64
+    )
+    service_account_name: ObjectName | None = None
+    priority_class_name: ObjectName | None = None
+    image_pull_secrets: list[ObjectName] | None = Field(default=None, max_length=16)
+    affinity: dict[str, Any] | None = None
+    topology_spread_constraints: list[dict[str, Any]] | None = Field(default=None, max_length=8)
+
+    @model_validator(mode="after")
+    def _check(self) -> PodSpec:
+        for kind, keys in (("labels", self.labels), ("annotations", self.annotations)):
+            for key in keys or {}:
+                if key.startswith(RESERVED_LABEL_PREFIXES) or key.startswith("prometheus.io/"):
+                    raise ValueError(
+                        f"server.pod.{kind} may not set {key!r}: app.kubernetes.io/*, "
+                        "serving.autoglm.io/* and prometheus.io/* are the operator's"
+                    )
+        return self
+
+
 class ServerSpec(_Model):
     """``spec.server``: the inference server container."""
 
@@ -152,6 +363,15 @@ class ServerSpec(_Model):
     metrics_port: int = Field(default=8002, ge=1024, le=65535)
     shutdown_grace_seconds: int = Field(default=30, ge=0, le=3600)
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    auth: AuthSpec | None = None
+    tls: TLSSpec | None = None
+    chat_template: ChatTemplateSpec | None = None
+    tool_call_parser: Literal["glm4", "llama3_json"] | None = None
+    http: HTTPSpec | None = None
+    compile: CompileSpec | None = None
+    env: list[EnvVar] | None = Field(default=None, max_length=64)
+    env_from: list[EnvFromSource] | None = Field(default=None, max_length=16)
+    pod: PodSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ServerSpec:
@@ -159,6 +379,9 @@ class ServerSpec(_Model):
             raise ValueError(
                 "server.grpcPort, server.httpPort and server.metricsPort must all differ"
             )
+        names = [e.name for e in self.env or []]
+        if len(names) != len(set(names)):
+            raise ValueError("server.env names must be unique")
         return self
 
 
@@ -357,6 +580,20 @@ class RolloutSpec(_Model):
     instant_rollback_window: Duration = "10m"
 
 
+NamespaceName = Annotated[
+    str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+]
+
+
+class NetworkPolicySpec(_Model):
+    """``spec.networkPolicy``: ingress to the server pods only from where it is expected."""
+
+    enabled: bool = True
+    allow_same_namespace: bool = True
+    from_namespaces: list[NamespaceName] = Field(default_factory=list, max_length=16)
+    from_prometheus_namespaces: list[NamespaceName] = Field(default_factory=list, max_length=8)
+
+
 class AutoGLMDeploymentSpec(_Model):
     """``spec`` of an AutoGLMDeployment."""
 
@@ -368,6 +605,7 @@ class AutoGLMDeploymentSpec(_Model):
     canary: CanarySpec | None = None
     traffic: TrafficSpec | None = None
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
     rollback_to: str | None = Field(
         default=None, min_length=1, max_length=63, pattern=REVISION_NAME_PATTERN
     )

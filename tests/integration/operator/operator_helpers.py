@@ -19,7 +19,9 @@ from autoglm_dev.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "manifests" / "examples"
-CHILD_KINDS = "deployments,services,configmaps,horizontalpodautoscalers,poddisruptionbudgets"
+CHILD_KINDS = (
+    "deployments,services,configmaps,horizontalpodautoscalers,poddisruptionbudgets,networkpolicies"
+)
 
 
 def revision_of(spec: dict[str, Any]) -> str:

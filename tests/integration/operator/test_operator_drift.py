@@ -59,6 +59,12 @@ EDITS: list[tuple[str, str, dict[str, Any], Any]] = [
     ),
     ("hpa", "", {"spec": {"maxReplicas": 9}}, lambda o: o["spec"]["maxReplicas"]),
     ("pdb", "", {"spec": {"maxUnavailable": 2}}, lambda o: o["spec"]["maxUnavailable"]),
+    (
+        "networkpolicy",
+        "",
+        {"spec": {"ingress": [{}]}},  # one empty rule: allow everything
+        lambda o: o["spec"].get("ingress"),
+    ),
 ]
 
 
@@ -71,7 +77,7 @@ def repair_deadline(op: OperatorProcess) -> float:
 def full(op: OperatorProcess, kube: Kube) -> str:
     assert kube.apply(agd("full", FULL_SPEC)).returncode == 0
     kube.wait_ready("full", timeout=120)
-    wait_for(lambda: len(kube.children("full")) == 7, timeout=30, message="seven children")
+    wait_for(lambda: len(kube.children("full")) == 8, timeout=30, message="eight children")
     return "full"
 
 
@@ -112,6 +118,7 @@ def test_hand_edit_of_a_child_is_reverted(
         ("configmap", f"{REV}-digests"),
         ("hpa", ""),
         ("pdb", ""),
+        ("networkpolicy", ""),
     ],
 )
 def test_deleted_child_is_recreated(

@@ -28,6 +28,7 @@ KIND_OF = {
     "ConfigMap": "configmap",
     "HorizontalPodAutoscaler": "hpa",
     "PodDisruptionBudget": "pdb",
+    "NetworkPolicy": "networkpolicy",
 }
 
 
@@ -48,6 +49,8 @@ def expected_children(name: str, example: dict[str, Any]) -> set[tuple[str, str]
         kids.add(("PodDisruptionBudget", name))
     if spec["model"].get("sha256"):
         kids.add(("ConfigMap", f"{per_revision}-digests"))
+    if spec.get("networkPolicy", {}).get("enabled", True):
+        kids.add(("NetworkPolicy", name))
     return kids
 
 
@@ -186,7 +189,7 @@ def test_delete_garbage_collects_every_child(op: OperatorProcess, kube: Kube) ->
         },
     )
     assert kube.apply(manifest).returncode == 0
-    wait_for(lambda: len(kube.children("doomed")) == 7, timeout=60, message="seven children")
+    wait_for(lambda: len(kube.children("doomed")) == 8, timeout=60, message="eight children")
     deleted = kube.run("delete", "agd", "doomed", "--wait=true", "--timeout=60s", check=False)
     assert deleted.returncode == 0, deleted.stderr
     wait_for(

@@ -352,6 +352,7 @@ def test_reconcile_reads_nothing_and_an_unchanged_world_writes_nothing() -> None
         f"Service/{DEP}",
         "Service/glm",
         "Service/glm-headless",
+        "NetworkPolicy/glm",
     ]
     assert first.status_written
     before = len(api.requests)

@@ -373,6 +373,43 @@ INVALID_FOR_PYDANTIC += [
     ({"model": M, "rollout": {"revisionHistoryLimit": 0}}, "revisionHistoryLimit"),
     ({"model": M, "rollbackTo": "Not_A_Name"}, "rollbackTo"),
 ]
+KEY = {"secret": "k", "key": "pub"}
+INVALID_FOR_PYDANTIC += [
+    ({"model": M, "resources": {"gpus": 3}}, "1, 2, 4 or 8"),
+    ({"model": {**M, "quantization": "fp4"}}, "quantization"),
+    (
+        {"model": {**M, "signature": {"publicKey": {"secret": "a", "configMap": "b", "key": "k"}}}},
+        "exactly one of configMap or secret",
+    ),
+    (
+        {"model": {"source": "hf://a/b", "signature": {"publicKey": KEY, "bundlePath": "m.sig"}}},
+        "needs a pvc:// or image path",
+    ),
+    (
+        {"model": {**M, "signature": {"publicKey": KEY, "bundlePath": "../m.sig"}}},
+        "relative to the model directory",
+    ),
+    (
+        {"model": {**M, "signature": {"publicKey": KEY, "bundle": KEY, "bundlePath": "m"}}},
+        "bundle or bundlePath, not both",
+    ),
+    ({"model": M, "server": {"auth": {"metricsAuth": True}}}, "apiKeysSecret"),
+    ({"model": M, "server": {"tls": {"secretName": "Not_A_Name"}}}, "secretName"),
+    ({"model": M, "server": {"toolCallParser": "hermes"}}, "toolCallParser"),
+    ({"model": M, "server": {"http": {"maxBodyBytes": 10}}}, "maxBodyBytes"),
+    (
+        {"model": M, "server": {"compile": {"cacheVolume": {"claimName": "c", "emptyDir": True}}}},
+        "exactly one of claimName",
+    ),
+    ({"model": M, "server": {"env": [{"name": "AUTOGLM_X", "value": "1"}]}}, "AUTOGLM_"),
+    ({"model": M, "server": {"env": [{"name": "A"}, {"name": "A"}]}}, "unique"),
+    ({"model": M, "server": {"envFrom": [{"prefix": "X_"}]}}, "exactly one of secretRef"),
+    (
+        {"model": M, "server": {"pod": {"labels": {"app.kubernetes.io/instance": "x"}}}},
+        "operator's",
+    ),
+    ({"model": M, "networkPolicy": {"fromNamespaces": ["Not A Namespace"]}}, "fromNamespaces"),
+]
 # Path-like digest keys the server would refuse at start (crash-looping pods).
 BAD_DIGEST_KEYS = ["../../../etc/shadow", "/proc/self/environ", "", "a/../b", "..", "x" * 513]
 INVALID_FOR_PYDANTIC += [

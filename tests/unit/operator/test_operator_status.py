@@ -118,15 +118,17 @@ def test_served_revision_only_changes_when_rollout_completes() -> None:
 
 
 def test_unschedulable_when_no_node_has_enough_gpus() -> None:
-    spec = parse_spec({"model": {"source": "/m"}, "resources": {"gpus": 16}})
-    assert compute_capacity_problem(spec, NODES) is not None
+    # gpus is 1, 2, 4 or 8 (tensor parallelism): 8 on nodes of 4 GPUs.
+    spec = parse_spec({"model": {"source": "/m"}, "resources": {"gpus": 8}})
+    nodes = [node("n0", 4), node("n1", 4)]
+    assert compute_capacity_problem(spec, nodes) is not None
     status = compute_status(
-        spec, OWNER, Observed(generation=1, deployment=deployment(ready=0), nodes=NODES), T0
+        spec, OWNER, Observed(generation=1, deployment=deployment(ready=0), nodes=nodes), T0
     )
     assert conditions(status)["Ready"] == ("False", "Unschedulable")
     assert conditions(status)["Degraded"] == ("True", "Unschedulable")
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-    assert "16 nvidia.com/gpu" in ready["message"] and "8 allocatable" in ready["message"]
+    assert "8 nvidia.com/gpu" in ready["message"] and "4 allocatable" in ready["message"]
 
 
 def test_unschedulable_when_no_node_has_the_gpu_product() -> None:
