@@ -213,7 +213,7 @@ class Sampler:
         pairs = seq.params.logit_bias
         if seq.slot in self._biased:
             assert self._bias is not None
-            self._bias[seq.slot] = 0.0
+            self._bias[seq.slot].zero_()
             self._biased.discard(seq.slot)
         if not pairs:
             return
