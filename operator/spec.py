@@ -517,6 +517,10 @@ class CanaryServerSpec(_Model):
 
     batching: CanaryBatchingSpec | None = None
     shutdown_grace_seconds: int | None = Field(default=None, ge=0, le=3600)
+    chat_template: ChatTemplateSpec | None = None
+    tool_call_parser: Literal["glm4", "llama3_json"] | None = None
+    http: HTTPSpec | None = None
+    compile: CompileSpec | None = None
 
 
 class CanarySpec(_Model):
@@ -772,8 +776,11 @@ def parse_spec(raw: Any) -> AutoGLMDeploymentSpec:
 def compute_canary_spec(spec: AutoGLMDeploymentSpec) -> AutoGLMDeploymentSpec:
     """The spec the canary revision runs: ``spec`` with ``spec.canary``'s overrides.
 
-    ``canary.model`` replaces the model, ``canary.image`` the image, and
-    ``canary.server`` changes the batching fields and drain time it names.
+    ``canary.model`` replaces the model (signature and quantization included),
+    ``canary.image`` the image, and ``canary.server`` changes the batching fields,
+    drain time, chat template, tool-call parser, HTTP limits and compile settings
+    it names (each of the last four whole). Auth, TLS, env and the pod knobs stay
+    those of ``spec.server``: both revisions answer the same clients.
     Raises pydantic.ValidationError when the result is inconsistent.
     """
     canary = spec.canary
@@ -787,6 +794,10 @@ def compute_canary_spec(spec: AutoGLMDeploymentSpec) -> AutoGLMDeploymentSpec:
             server["shutdown_grace_seconds"] = canary.server.shutdown_grace_seconds
         if canary.server.batching is not None:
             server["batching"].update(canary.server.batching.model_dump(exclude_none=True))
+        for field in ("chat_template", "tool_call_parser", "http", "compile"):
+            value = getattr(canary.server, field)
+            if value is not None:
+                server[field] = value.model_dump() if isinstance(value, BaseModel) else value
     return spec.model_copy(
         update={
             "model": canary.model if canary.model is not None else spec.model,

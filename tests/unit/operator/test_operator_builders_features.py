@@ -17,7 +17,7 @@ from autoglm_operator.builders import (
 )
 from autoglm_operator.canary import compute_revision
 from autoglm_operator.owner import Owner
-from autoglm_operator.spec import parse_spec
+from autoglm_operator.spec import compute_canary_spec, parse_spec
 
 OWNER = Owner(name="glm", namespace="models", uid="0b7c6d8e-0000-4000-8000-000000000002")
 
@@ -450,3 +450,58 @@ def test_network_policy_closed_and_disabled() -> None:
     assert "NetworkPolicy" not in [c["kind"] for c in build_children(off, OWNER)]
     # Not pod-affecting: the revision stays.
     assert compute_revision(off) == compute_revision(parse_spec({"model": {"source": "/m"}}))
+
+
+# ---- the canary -------------------------------------------------------------------------------
+
+
+def test_a_canary_overrides_template_parser_http_compile_and_the_model_features() -> None:
+    spec = parse_spec(
+        {
+            "model": {"source": "/m", "quantization": "none"},
+            "server": {
+                "auth": {"apiKeysSecret": "k"},
+                "toolCallParser": "glm4",
+                "env": [{"name": "A", "value": "1"}],
+            },
+            "canary": {
+                "weight": 10,
+                "model": {"source": "/m", "quantization": "fp8"},
+                "server": {
+                    "chatTemplate": {"configMap": "tpl2", "key": "t"},
+                    "toolCallParser": "llama3_json",
+                    "http": {"requestTimeoutSeconds": 30},
+                    "compile": {"enabled": False},
+                },
+            },
+        }
+    )
+    canary = compute_canary_spec(spec)
+    assert canary.model.quantization == "fp8"
+    server = canary.server
+    assert server.chat_template is not None and server.chat_template.config_map == "tpl2"
+    assert server.tool_call_parser == "llama3_json"
+    assert server.http is not None and server.http.request_timeout_seconds == 30
+    assert server.compile is not None and server.compile.enabled is False
+    # Shared with the stable: the same clients reach both revisions.
+    assert server.auth == spec.server.auth and server.env == spec.server.env
+    assert compute_revision(canary) != compute_revision(spec)
+    e = env(build_deployment(canary, OWNER))
+    assert e["AUTOGLM_QUANTIZATION"] == "fp8"
+    assert e["AUTOGLM_TOOL_CALL_PARSER"] == "llama3_json"
+    assert e["AUTOGLM_COMPILE"] == "false"
+    assert e["AUTOGLM_API_KEYS_FILE"] == "/etc/autoglm/api-keys/keys.json"
+
+
+def test_a_canary_without_server_overrides_keeps_the_features() -> None:
+    spec = parse_spec(
+        {
+            "model": {"source": "/m"},
+            "server": {"tls": {"secretName": "t"}, "compile": {"enabled": False}},
+            "canary": {"weight": 10, "image": "other:1"},
+        }
+    )
+    canary = compute_canary_spec(spec)
+    assert canary.server.tls == spec.server.tls
+    assert canary.server.compile == spec.server.compile
+    assert canary.server.image == "other:1"
