@@ -611,6 +611,10 @@ class _Machine:
             f"promoting revision {target_rev}: {have}/{max(full.minimum, 1)} pods ready "
             f"before it takes all traffic"
         )
+        if self.spec.canary is None and self.spec.rollback_to is None and full.fixed:
+            return self._rolling(
+                st, stable_rev, stable_spec, target_rev, target_spec, have, full.fixed
+            )
         if replace_strategy and pods is not None and pods.ready >= 1:
             # No spare GPU: the canary takes all traffic with the pods it has and the
             # stable's pods make room for the rest.
@@ -620,6 +624,32 @@ class _Machine:
                 stable_scale=_Scale(0, None),
             )  # fmt: skip
         return self._plan(stable_rev, stable_spec, target_rev, target_spec, None, canary_scale=full)
+
+    def _rolling(
+        self,
+        st: _State,
+        stable_rev: str,
+        stable_spec: AutoGLMDeploymentSpec,
+        target_rev: str,
+        target_spec: AutoGLMDeploymentSpec,
+        ready: int,
+        size: int,
+    ) -> RolloutPlan:
+        """A plain change (no spec.canary, a fixed size): a rolling update across the
+        two revisions with maxSurge 1, maxUnavailable 0. The new revision asks for
+        one pod more than it has ready, the old one keeps ``size - ready``, so at most
+        ``size + 1`` pods (one extra set of GPUs for one pod, not for the whole size)
+        and never fewer than ``size`` ready; the routes' weights follow the ready ratio."""
+        st.weight = min(100, round(100 * ready / size))
+        st.message = (
+            f"replacing revision {stable_rev} with {target_rev} one pod at a time: "
+            f"{ready}/{size} new pods ready"
+        )
+        return self._plan(
+            stable_rev, stable_spec, target_rev, target_spec, None,
+            canary_scale=_Scale(min(size, ready + 1), None),
+            stable_scale=_Scale(max(size - ready, 0), None),
+        )  # fmt: skip
 
     def _promote(
         self, st: _State, stable_rev: str, target_rev: str, target_spec: AutoGLMDeploymentSpec

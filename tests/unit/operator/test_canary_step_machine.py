@@ -154,7 +154,9 @@ def test_the_revision_is_a_short_hash_of_model_image_and_server() -> None:
     assert compute_revision(spec_of(replicas=9, resources={"gpus": 2})) == compute_revision(a)
 
 
-def test_a_plain_change_without_canary_replaces_at_full_size_and_switches_when_ready() -> None:
+def test_a_plain_change_without_canary_rolls_one_pod_at_a_time_and_switches_when_ready() -> None:
+    """maxSurge 1, maxUnavailable 0 across the two revisions: the new one +1 pod at a
+    time, the old one -1 per new ready pod, the weight following the ready ratio."""
     world = World(parse_spec(BASE))
     world.tick()
     world.spec = spec_of(server={"image": "img:2"})
@@ -162,15 +164,67 @@ def test_a_plain_change_without_canary_replaces_at_full_size_and_switches_when_r
     plan = world.tick(settle=False)
     assert world.phase == "Promoting"
     assert plan.weights() == {V1_REV: 100, new: 0}
-    assert [v.replicas for v in plan.versions] == [4, 4]  # the new one at full size
-    world.pods[new] = Pods(desired=4, ready=3, replicas=4, exists=True)
-    assert world.tick(settle=False).weights() == {V1_REV: 100, new: 0}
+    assert [v.replicas for v in plan.versions] == [4, 1]  # one extra pod, not a second set
+    for ready in range(1, 4):
+        world.pods[new] = Pods(desired=ready, ready=ready, replicas=ready, exists=True)
+        plan = world.tick(settle=False)
+        assert world.phase == "Promoting"
+        old_pods, new_pods = (v.replicas for v in plan.versions)
+        assert (old_pods, new_pods) == (4 - ready, ready + 1)
+        assert old_pods + new_pods == 5  # never more than size + 1 pods
+        assert old_pods + ready == 4  # never fewer than size ready (old pods stay ready)
+        assert plan.weights() == {V1_REV: 100 - 25 * ready, new: 25 * ready}
+    # A new pod that stops being ready gives its place back to an old one.
+    world.pods[new] = Pods(desired=4, ready=2, replicas=4, exists=True)
+    plan = world.tick(settle=False)
+    assert [v.replicas for v in plan.versions] == [2, 3]
+    assert plan.weights() == {V1_REV: 50, new: 50}
     world.pods[new] = Pods(desired=4, ready=4, replicas=4, exists=True)
     plan = world.tick()
     assert world.phase == "Promoted"
     assert plan.weights() == {new: 100}  # no warm window for a plain change
     assert [r["name"] for r in plan.revisions] == [new, V1_REV]
     assert "warmUntil" not in plan.revisions[1]
+    assert [(v.revision, v.replicas) for v in plan.versions] == [(new, 4)]
+
+
+def test_a_plain_change_settles_in_size_ticks() -> None:
+    world = World(parse_spec(BASE))
+    world.tick()
+    world.spec = spec_of(server={"image": "img:2"})
+    new = compute_revision(world.spec)
+    sizes = []
+    for _ in range(10):
+        plan = world.tick()  # pods become ready as planned
+        sizes.append([v.replicas for v in plan.versions])
+        if world.phase == "Promoted":
+            break
+    assert world.phase == "Promoted"
+    assert sizes == [[4, 1], [3, 2], [2, 3], [1, 4], [4]]
+    assert plan.versions[0].revision == new
+
+
+def test_a_plain_change_of_one_replica_surges_one_pod() -> None:
+    world = World(spec_of(replicas=1))
+    world.tick()
+    world.spec = spec_of(replicas=1, server={"image": "img:2"})
+    plan = world.tick(settle=False)
+    assert [v.replicas for v in plan.versions] == [1, 1]
+    assert world.weight == 0
+
+
+def test_a_plain_change_under_an_hpa_still_brings_the_new_revision_up_whole() -> None:
+    auto = {
+        "minReplicas": 2,
+        "maxReplicas": 6,
+        "targets": [{"type": "queueDepth", "averageValue": "4"}],
+    }
+    world = World(spec_of(autoscaling=auto))
+    world.tick()
+    world.spec = spec_of(autoscaling=auto, server={"image": "img:2"})
+    plan = world.tick(settle=False)
+    assert world.phase == "Promoting"
+    assert [v.hpa for v in plan.versions] == [(2, 6), (2, 6)]
 
 
 # ---- a progressive rollout -------------------------------------------------------------------
