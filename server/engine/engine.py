@@ -228,7 +228,9 @@ class LLMEngine:
                 await run_in_daemon_thread(self._tp.connect)
             loaded = await run_in_daemon_thread(self._loader, self.config)
             runner = await run_in_daemon_thread(self._build_runner, loaded)
-            self._runner = self._tp.wrap(runner) if self._tp is not None else runner
+            if self._tp is not None:  # agrees the KV size with the other ranks: blocks
+                runner = await run_in_daemon_thread(self._tp.wrap, runner)
+            self._runner = runner
             await run_in_daemon_thread(self._runner.warmup)
         except BaseException:
             if self._tp is not None:

@@ -59,6 +59,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import IO, Any
@@ -407,15 +408,17 @@ class TensorParallelGroup:
     def wrap(self, runner: Any) -> TensorParallelRunner:
         return TensorParallelRunner(runner, self)
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
         """Tell the ranks to exit; kill the ones that don't. Ends the hard-exit timer."""
         self._stopping = True
         with contextlib.suppress(OSError, ValueError):  # a rank that is gone closed its pipe
             self.send(("stop",))
+        deadline = time.monotonic() + timeout_s
         for proc in self.procs:
             try:
-                proc.wait(timeout=timeout_s)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                logger.warning("tensor parallel: a rank did not stop; killing it")
                 proc.kill()
                 proc.wait()
         if dist.is_initialized():
@@ -479,8 +482,6 @@ class TensorParallelRunner:
 
 def _watch_parent(parent_pid: int) -> None:
     """End this rank when rank 0 is gone (it may be blocked in a collective)."""
-    import time
-
     while True:
         if os.getppid() != parent_pid:
             logger.critical("tensor parallel: rank 0 is gone; exiting")
@@ -532,7 +533,8 @@ def worker_main(argv: list[str]) -> int:
         elif kind == "warmup":
             runner.warmup()
         elif kind == "stop":
-            dist.destroy_process_group()
+            # No destroy_process_group here: it can wait on the other ranks, and
+            # rank 0 tears the group down once every rank has exited.
             return 0
 
 
