@@ -84,6 +84,11 @@ LOAD_STATS: dict[str, float] = {}  # this process's load: weights on its device,
 
 
 def git_commit() -> str:
+    """The commit, "-dirty" if tracked files changed; AUTOGLM_GIT_COMMIT names it where the
+    tree is a `git archive` of it (the offline GPU machine has no .git)."""
+    named = os.environ.get("AUTOGLM_GIT_COMMIT")
+    if named:
+        return named
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(
