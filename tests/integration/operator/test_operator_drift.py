@@ -143,8 +143,11 @@ def resource_versions(kube: Kube, name: str) -> dict[str, str]:
     return versions
 
 
-def test_noop_reconcile_makes_zero_writes(op: OperatorProcess, kube: Kube) -> None:
-    example = load_example("glm-1gpu")
+# secure: Secret and ConfigMap volumes, valueFrom env, HTTP probes (TLS), pod labels,
+# spread constraints and a NetworkPolicy with rules, all as the API server stores them.
+@pytest.mark.parametrize("stem", ["glm-1gpu", "secure"])
+def test_noop_reconcile_makes_zero_writes(op: OperatorProcess, kube: Kube, stem: str) -> None:
+    example = load_example(stem)
     name = example["metadata"]["name"]
     assert kube.apply(example).returncode == 0
     kube.wait_ready(name, timeout=120)
