@@ -505,3 +505,50 @@ def test_a_canary_without_server_overrides_keeps_the_features() -> None:
     assert canary.server.tls == spec.server.tls
     assert canary.server.compile == spec.server.compile
     assert canary.server.image == "other:1"
+
+
+# ---- the contract with the server: every variable is a flag it parses ----------------------
+
+
+def test_the_server_parses_every_variable_the_operator_sets() -> None:
+    # The operator never imports the server (its image has no torch); the test may.
+    cli = pytest.importorskip("autoglm_server.cli")
+    dep = deploy(
+        model={
+            "source": "pvc://models/glm",
+            "quantization": "int4",
+            "signature": {
+                "publicKey": {"secret": "k", "key": "key.pub"},
+                "bundle": {"configMap": "s", "key": "model.sig"},
+            },
+        },
+        resources={"gpus": 4},
+        server={
+            "auth": {"apiKeysSecret": "keys", "metricsAuth": True},
+            "tls": {"secretName": "t", "clientCASecret": "ca"},
+            "chatTemplate": {"configMap": "c", "key": "t.jinja"},
+            "toolCallParser": "llama3_json",
+            "http": {"maxBodyBytes": 2048, "requestTimeoutSeconds": 60},
+            "compile": {"enabled": False, "cacheVolume": {"emptyDir": True}},
+        },
+    )
+    environ = {k: v for k, v in env(dep).items() if k.startswith("AUTOGLM_")}
+    known = {flag.env for flag in cli.FLAGS}
+    assert set(environ) <= known, set(environ) - known
+    args = cli.build_parser(environ).parse_args([])
+    assert args.quantization == "int4"
+    assert args.tensor_parallel_size == 4
+    assert args.api_keys_file == "/etc/autoglm/api-keys/keys.json"
+    assert args.metrics_auth is True
+    assert args.tls_cert_file == "/etc/autoglm/tls/tls.crt"
+    assert args.tls_key_file == "/etc/autoglm/tls/tls.key"
+    assert args.tls_client_ca_file == "/etc/autoglm/client-ca/ca.crt"
+    assert args.model_signing_public_key == "/etc/autoglm/signing-key/key.pub"
+    assert args.model_signature == "/etc/autoglm/model-signature/model.sig"
+    assert args.chat_template == "/etc/autoglm/chat-template/t.jinja"
+    assert args.tool_call_parser == "llama3_json"
+    assert args.http_max_body_bytes == 2048
+    assert args.http_request_timeout_seconds == 60
+    assert args.compile is False
+    assert args.compile_cache_dir == "/var/cache/autoglm/compile"
+    assert args.model == "/models/glm"
