@@ -15,9 +15,9 @@ from autoglm_operator.builders import (
     build_network_policy,
     compute_config_checksum,
 )
-from autoglm_operator.canary import compute_revision
+from autoglm_operator.canary import build_revision_record, compute_revision
 from autoglm_operator.owner import Owner
-from autoglm_operator.spec import compute_canary_spec, parse_spec
+from autoglm_operator.spec import compute_canary_spec, compute_revision_spec, parse_spec
 
 OWNER = Owner(name="glm", namespace="models", uid="0b7c6d8e-0000-4000-8000-000000000002")
 
@@ -552,3 +552,30 @@ def test_the_server_parses_every_variable_the_operator_sets() -> None:
     assert args.compile is False
     assert args.compile_cache_dir == "/var/cache/autoglm/compile"
     assert args.model == "/models/glm"
+
+
+def test_a_revision_record_brings_every_feature_back() -> None:
+    spec = parse_spec(
+        {
+            "model": {
+                "source": "pvc://models/glm",
+                "quantization": "fp8",
+                "signature": {"publicKey": {"secret": "k", "key": "p"}, "bundlePath": "m.sig"},
+            },
+            "server": {
+                "auth": {"apiKeysSecret": "keys"},
+                "tls": {"secretName": "t", "clientCASecret": "ca"},
+                "env": [
+                    {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "h", "key": "t"}}}
+                ],
+                "pod": {"affinity": {"nodeAffinity": {}}, "labels": {"a": "b"}},
+                "compile": {"cacheVolume": {"claimName": "cc"}},
+            },
+        }
+    )
+    record = build_revision_record(compute_revision(spec), spec, 0.0)
+    back = compute_revision_spec(
+        parse_spec({"model": {"source": "/other"}}), record["model"], record["server"]
+    )
+    assert back.model == spec.model and back.server == spec.server
+    assert compute_revision(back) == compute_revision(spec)
