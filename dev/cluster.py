@@ -718,6 +718,16 @@ def operator_command(*scope: str) -> list[str]:
 
 def install_crd(cluster: LocalCluster | ExistingCluster) -> Path:
     """Server-side apply the AutoGLMDeployment CRD and wait until it is served."""
+    from .waiting import wait_until
+
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{CRD_NAME}")
+
+    # Polled: `kubectl wait --for=condition=Established` fails at once (".status.conditions
+    # accessor error") when it reads a fresh CRD before any condition is written.
+    def established() -> bool:
+        jsonpath = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+        got = cluster.kubectl("get", f"crd/{CRD_NAME}", "-o", jsonpath, check=False)
+        return got.stdout.strip() == "True"
+
+    wait_until(established, timeout=60, interval=0.2, message=f"crd/{CRD_NAME} Established")
     return CRD_FILE
