@@ -39,9 +39,6 @@ WINDOW_S = 60.0
 # autoglm_requests_total codes exported at 0 from the start: OK and the
 # server-side failures (HTTP 500/503/504 are counted under these).
 ZERO_CODES = ("OK", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED")
-# autoglm_requests_total codes exported at 0 from the start: OK and the
-# server-side failures (HTTP 500/503/504 are counted under these).
-ZERO_CODES = ("OK", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED")
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0,
 )  # fmt: skip
@@ -120,11 +117,6 @@ class Metrics:
             "autoglm_requests_total", "Finished requests by gRPC status code.",
             (*labels, "code"), registry=r,
         )  # fmt: skip
-        # Outcomes an error rate divides start at 0, so the first scrape gives
-        # increase() its baseline: a series born at N (a broken canary's first
-        # failures) would hide those N from the canary analysis.
-        for code in ZERO_CODES:
-            self._requests.labels(model=model, version=version, code=code)
         # Outcomes an error rate divides start at 0, so the first scrape gives
         # increase() its baseline: a series born at N (a broken canary's first
         # failures) would hide those N from the canary analysis.

@@ -206,4 +206,9 @@ def test_metrics_expose_the_documented_names_and_move(server: ServerProcess) -> 
         for (name, labels), _ in samples.items():
             if name.startswith("autoglm_"):
                 keys = {k for k, _ in labels} - {"le", "code", "gpu"}
-                assert keys == {"model", "version"}, (name, labels)
+                # The config info gauge also names what the server chose at load.
+                extra = {"quantization", "tensor_parallel_size"}
+                expected = {"model", "version"} | (
+                    extra if name == "autoglm_model_config_info" else set()
+                )
+                assert keys == expected, (name, labels)
