@@ -521,6 +521,23 @@ def istio_crd_names(path: Path) -> list[str]:
     ]
 
 
+def wait_established(cluster: LocalCluster, names: list[str], timeout: float = 60) -> None:
+    """Poll until every CRD is Established: `kubectl wait --for=condition=Established` fails
+    at once (".status.conditions accessor error") on a fresh CRD with no condition yet."""
+    from .waiting import wait_until
+
+    jsonpath = "jsonpath={.status.conditions[?(@.type=='Established')].status}"
+
+    def established() -> bool:
+        for name in names:
+            got = cluster.kubectl("get", name, "-o", jsonpath, check=False)
+            if got.stdout.strip() != "True":
+                return False
+        return True
+
+    wait_until(established, timeout=timeout, interval=0.2, message=f"{names} Established")
+
+
 def install_istio_crds(cluster: LocalCluster) -> Path:
     """Server-side apply Istio's CRDs (skipped when VirtualService is served) and wait."""
     probe = cluster.kubectl(
@@ -531,7 +548,7 @@ def install_istio_crds(cluster: LocalCluster) -> Path:
         return crds
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crds), timeout=120)
     names = [f"crd/{n}" for n in istio_crd_names(crds)]
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
+    wait_established(cluster, names)
     return crds
 
 
@@ -585,7 +602,7 @@ def install_gateway_api(cluster: LocalCluster) -> Path:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") == "CustomResourceDefinition":
                 names.append(f"crd/{doc['metadata']['name']}")
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
+    wait_established(cluster, names)
     return crds
 
 

@@ -39,8 +39,19 @@ NAME = "istio-llm"
 
 
 @pytest.fixture(scope="module")
-def istio_crds(cluster: Any) -> Path:
-    return install_istio_crds(cluster)
+def istio_crds(cluster: Any) -> Iterator[Path]:
+    """Istio's CRDs for this module only: the cluster is shared by the whole run, and the
+    operator tests check what a cluster WITHOUT them reports (TrafficProviderMissing)."""
+    present = (
+        cluster.kubectl(
+            "get", "crd", "virtualservices.networking.istio.io", "-o", "name", check=False
+        ).returncode
+        == 0
+    )
+    crds = install_istio_crds(cluster)
+    yield crds
+    if not present:
+        cluster.kubectl("delete", "-f", str(crds), "--ignore-not-found", "--wait=true", timeout=120)
 
 
 def _spec(**extra: Any) -> dict[str, Any]:
