@@ -46,27 +46,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gpu
+
+# bench_gpu's shapes (tiny, glm9b, llama8b) plus the one issue 13 adds.
 SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "arch": "Glm4ForCausalLM",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "intermediate_size": 128,
-        "vocab_size": 1000,
-    },
-    "glm9b": {
-        "arch": "Glm4ForCausalLM",
-        "hidden_size": 4096,
-        "num_hidden_layers": 40,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 2,
-        "head_dim": 128,
-        "intermediate_size": 13696,
-        "vocab_size": 151552,
-    },
+    **bench_gpu.SHAPES,
     # GLM-4-32B (issue 13): 65 GB of bf16 weights
     "glm32b": {
         "arch": "Glm4ForCausalLM",

@@ -453,16 +453,12 @@ def render_adapter_rules(chart_dir: Path = CHART_DIR) -> str:
 # ---- Gateway API CRDs ---------------------------------------------------------------
 
 
-def gateway_api_crd_dir(version: str = GATEWAY_API_VERSION) -> Path:
-    """The standard-channel CRDs of ``sigs.k8s.io/gateway-api@version`` from the
-    Go module cache (downloaded through the module proxy when missing).
-    ``AUTOGLM_GATEWAY_API_CRDS`` names a folder of CRDs to use instead."""
-    override = os.environ.get("AUTOGLM_GATEWAY_API_CRDS")
-    if override:
-        return Path(override)
+def go_module_dir(module: str, version: str) -> Path:
+    """The folder of ``module@version`` in the Go module cache (downloaded through the
+    module proxy when missing)."""
     env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=mod"}
     proc = subprocess.run(
-        ["go", "mod", "download", "-json", f"sigs.k8s.io/gateway-api@{version}"],
+        ["go", "mod", "download", "-json", f"{module}@{version}"],
         cwd=HACK_DIR / "traefik",
         env=env,
         capture_output=True,
@@ -471,8 +467,18 @@ def gateway_api_crd_dir(version: str = GATEWAY_API_VERSION) -> Path:
         check=False,
     )
     if proc.returncode != 0:
-        raise AddonError(f"go mod download sigs.k8s.io/gateway-api@{version}: {proc.stderr}")
-    crds = Path(json.loads(proc.stdout)["Dir"]) / "config" / "crd" / "standard"
+        raise AddonError(f"go mod download {module}@{version}: {proc.stderr}")
+    return Path(json.loads(proc.stdout)["Dir"])
+
+
+def gateway_api_crd_dir(version: str = GATEWAY_API_VERSION) -> Path:
+    """The standard-channel CRDs of ``sigs.k8s.io/gateway-api@version`` from the
+    Go module cache (downloaded through the module proxy when missing).
+    ``AUTOGLM_GATEWAY_API_CRDS`` names a folder of CRDs to use instead."""
+    override = os.environ.get("AUTOGLM_GATEWAY_API_CRDS")
+    if override:
+        return Path(override)
+    crds = go_module_dir("sigs.k8s.io/gateway-api", version) / "config" / "crd" / "standard"
     if not crds.is_dir():
         raise AddonError(f"{crds}: no standard-channel CRDs in the module")
     return crds
@@ -491,19 +497,7 @@ def istio_crds_file(version: str = ISTIO_API_VERSION) -> Path:
     cached = cache_root() / f"istio-api-{version}" / Path(ISTIO_CRDS_FILE).name
     if cached.is_file():
         return cached
-    env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=mod"}
-    proc = subprocess.run(
-        ["go", "mod", "download", "-json", f"istio.io/api@{version}"],
-        cwd=HACK_DIR / "traefik",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise AddonError(f"go mod download istio.io/api@{version}: {proc.stderr}")
-    source = Path(json.loads(proc.stdout)["Dir"]) / ISTIO_CRDS_FILE
+    source = go_module_dir("istio.io/api", version) / ISTIO_CRDS_FILE
     if not source.is_file():
         raise AddonError(f"{source}: no CRDs in istio.io/api@{version}")
     cached.parent.mkdir(parents=True, exist_ok=True)
