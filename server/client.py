@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -384,7 +384,54 @@ def _auth(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
 
-class AutoGLMClient:
+class _ClientBase:
+    """What both clients share: the channel and its stubs, and each call's options.
+
+    The call helpers return what the stub returns: the response (blocking) or an
+    awaitable call (``grpc.aio``); each client converts it with the same function.
+    """
+
+    _aio: ClassVar[bool] = False  # grpc.aio channels
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = None,
+        balance: bool = True,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+    ) -> None:
+        self._channel = _channel(
+            target, channel_options(balance=balance), self._aio,
+            root_certificates, certificate_chain, private_key, tls,
+        )  # fmt: skip
+        self._md = _auth(api_key)
+        self._stub = pb_grpc.AutoGLMStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.timeout = timeout
+
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """``method`` of autoglm.v1 with the call's timeout (else the client's) and the key."""
+        stub_method = getattr(self._stub, method)
+        return stub_method(request, timeout=timeout or self.timeout, metadata=self._md)
+
+    def _generate(
+        self, method: str, prompt: str | None, timeout: float | None, kwargs: dict[str, Any]
+    ) -> Any:
+        """A Generate or GenerateStream call; ``kwargs`` as for :func:`build_generate_request`."""
+        return self._call(method, build_generate_request(prompt, **kwargs), timeout)
+
+    def _check(self, service: str) -> Any:
+        """Health is open: no key, and a 5 s deadline when the client has none."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        return self._health.Check(request, timeout=self.timeout or 5.0)
+
+
+class AutoGLMClient(_ClientBase):
     """Blocking client for autoglm.v1 and grpc.health.v1 over one channel.
 
     ``api_key`` is sent as ``authorization: Bearer <key>``; ``tls=True`` (or
@@ -396,40 +443,17 @@ class AutoGLMClient:
     over every address (``balance=False`` keeps gRPC's pick_first).
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        timeout: float | None = None,
-        balance: bool = True,
-        api_key: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        private_key: bytes | None = None,
-    ) -> None:
-        self._channel = _channel(
-            target, channel_options(balance=balance), False,
-            root_certificates, certificate_chain, private_key, tls,
-        )  # fmt: skip
-        self._md = _auth(api_key)
-        self._stub = pb_grpc.AutoGLMStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self.timeout = timeout
-
     def generate(
         self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
     ) -> GenerateResult:
         """Keyword arguments are those of :func:`build_generate_request`."""
-        req = build_generate_request(prompt, **kwargs)
-        return _result(self._stub.Generate(req, timeout=timeout or self.timeout, metadata=self._md))
+        return _result(self._generate("Generate", prompt, timeout, kwargs))
 
     def generate_stream(
         self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
     ) -> Iterator[StreamChunk]:
         """Chunks as they come; leaving the loop early cancels the request on the server."""
-        req = build_generate_request(prompt, **kwargs)
-        call = self._stub.GenerateStream(req, timeout=timeout or self.timeout, metadata=self._md)
+        call = self._generate("GenerateStream", prompt, timeout, kwargs)
         try:
             for resp in call:
                 yield _chunk(resp)
@@ -437,22 +461,14 @@ class AutoGLMClient:
             call.cancel()
 
     def tokenize(self, text: str) -> list[int]:
-        resp = self._stub.Tokenize(
-            pb.TokenizeRequest(text=text), timeout=self.timeout, metadata=self._md
-        )
-        return list(resp.token_ids)
+        return list(self._call("Tokenize", pb.TokenizeRequest(text=text)).token_ids)
 
     def model_info(self) -> ModelDescription:
-        return _model(
-            self._stub.ModelInfo(pb.ModelInfoRequest(), timeout=self.timeout, metadata=self._md)
-        )
+        return _model(self._call("ModelInfo", pb.ModelInfoRequest()))
 
     def health(self, service: str = "") -> str:
         """``SERVING`` or ``NOT_SERVING`` (or ``SERVICE_UNKNOWN``)."""
-        resp = self._health.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout or 5.0
-        )
-        return _health_name(resp.status)
+        return _health_name(self._check(service).status)
 
     def close(self) -> None:
         self._channel.close()
@@ -464,47 +480,24 @@ class AutoGLMClient:
         self.close()
 
 
-class AsyncAutoGLMClient:
+class AsyncAutoGLMClient(_ClientBase):
     """The same over grpc.aio, for many concurrent requests from one thread.
 
     ``deadline`` (seconds) is the gRPC deadline the server enforces. Targets
     and balancing as for :class:`AutoGLMClient`.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        timeout: float | None = None,
-        balance: bool = True,
-        api_key: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        private_key: bytes | None = None,
-    ) -> None:
-        self._channel = _channel(
-            target, channel_options(balance=balance), True,
-            root_certificates, certificate_chain, private_key, tls,
-        )  # fmt: skip
-        self._md = _auth(api_key)
-        self._stub = pb_grpc.AutoGLMStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self.timeout = timeout
+    _aio = True
 
     async def generate(
         self, prompt: str | None = None, *, deadline: float | None = None, **kwargs: Any
     ) -> GenerateResult:
-        req = build_generate_request(prompt, **kwargs)
-        return _result(
-            await self._stub.Generate(req, timeout=deadline or self.timeout, metadata=self._md)
-        )
+        return _result(await self._generate("Generate", prompt, deadline, kwargs))
 
     async def generate_stream(
         self, prompt: str | None = None, *, deadline: float | None = None, **kwargs: Any
     ) -> AsyncIterator[StreamChunk]:
-        req = build_generate_request(prompt, **kwargs)
-        call = self._stub.GenerateStream(req, timeout=deadline or self.timeout, metadata=self._md)
+        call = self._generate("GenerateStream", prompt, deadline, kwargs)
         try:
             async for resp in call:
                 yield _chunk(resp)
@@ -512,23 +505,13 @@ class AsyncAutoGLMClient:
             call.cancel()
 
     async def tokenize(self, text: str) -> list[int]:
-        resp = await self._stub.Tokenize(
-            pb.TokenizeRequest(text=text), timeout=self.timeout, metadata=self._md
-        )
-        return list(resp.token_ids)
+        return list((await self._call("Tokenize", pb.TokenizeRequest(text=text))).token_ids)
 
     async def model_info(self) -> ModelDescription:
-        return _model(
-            await self._stub.ModelInfo(
-                pb.ModelInfoRequest(), timeout=self.timeout, metadata=self._md
-            )
-        )
+        return _model(await self._call("ModelInfo", pb.ModelInfoRequest()))
 
     async def health(self, service: str = "") -> str:
-        resp = await self._health.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout or 5.0
-        )
-        return _health_name(resp.status)
+        return _health_name((await self._check(service)).status)
 
     async def close(self) -> None:
         await self._channel.close()

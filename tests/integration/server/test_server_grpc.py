@@ -11,7 +11,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_helpers import ServerProcess
 
-from autoglm_server.client import AutoGLMClient
+from autoglm_server.client import AsyncAutoGLMClient, AutoGLMClient
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2 as pb
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2_grpc as pb_grpc
 
@@ -77,6 +77,31 @@ def test_client_class_and_model_info(server: ServerProcess) -> None:
         assert result.finish_reason == "length" and result.completion_tokens == 3
         chunks = list(client.generate_stream("Hi", max_new_tokens=3, ignore_eos=True))
         assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 3
+
+
+async def test_async_client_answers_as_the_blocking_one(server: ServerProcess) -> None:
+    """AsyncAutoGLMClient (the load generator's) builds the same requests and reads the
+    same answers as AutoGLMClient; its ``deadline`` reaches the server."""
+    knobs: dict[str, Any] = {"max_new_tokens": 4, "ignore_eos": True, "temperature": 0.0}
+    with AutoGLMClient(server.target, timeout=30) as blocking:
+        want = blocking.generate("Hi", **knobs)
+        want_ids = blocking.tokenize("Hello there")
+        want_info = blocking.model_info()
+    async with AsyncAutoGLMClient(server.target, timeout=30) as client:
+        assert await client.health() == "SERVING"
+        assert await client.model_info() == want_info
+        assert await client.tokenize("Hello there") == want_ids
+        got = await client.generate("Hi", **knobs)
+        assert (got.text, got.token_ids, got.finish_reason, got.prompt_tokens) == (
+            want.text, want.token_ids, "length", want.prompt_tokens,
+        )  # fmt: skip
+        chunks = [chunk async for chunk in client.generate_stream("Hi", **knobs)]
+        assert [t for chunk in chunks for t in chunk.token_ids] == want.token_ids
+        assert chunks[-1].completion_tokens == 4
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.generate("go", max_new_tokens=LONG, ignore_eos=True, deadline=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    server.wait_metric("autoglm_running_requests", 0)
 
 
 def test_cancellation_frees_the_slot(server: ServerProcess, stub: pb_grpc.AutoGLMStub) -> None:
