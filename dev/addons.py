@@ -532,14 +532,43 @@ def wait_established(cluster: LocalCluster, names: list[str], timeout: float = 6
     wait_until(established, timeout=timeout, interval=0.2, message=f"{names} Established")
 
 
-def install_istio_crds(cluster: LocalCluster) -> Path:
-    """Server-side apply Istio's CRDs (skipped when VirtualService is served) and wait."""
+def _istio_crd_state(cluster: LocalCluster) -> str:
+    """``absent``, ``terminating`` or ``present`` for Istio's VirtualService CRD."""
     probe = cluster.kubectl(
-        "get", "crd", "virtualservices.networking.istio.io", "-o", "name", check=False
+        "get", "crd", "virtualservices.networking.istio.io", "-o", "json", check=False
     )
+    if probe.returncode != 0:
+        return "absent"
+    meta = json.loads(probe.stdout).get("metadata") or {}
+    return "terminating" if meta.get("deletionTimestamp") else "present"
+
+
+def remove_istio_crds(cluster: LocalCluster, timeout: float = 120) -> None:
+    """Delete Istio's CRDs and poll until the API server no longer has them: tests share
+    one cluster, and a test of a cluster without a mesh must not depend on test order."""
+    from .waiting import wait_until
+
+    names = [f"crd/{n}" for n in istio_crd_names(istio_crds_file())]
+    cluster.kubectl("delete", *names, "--ignore-not-found", "--wait=false", timeout=60)
+
+    def gone() -> bool:
+        return all(
+            cluster.kubectl("get", name, "-o", "name", check=False).returncode != 0
+            for name in names
+        )
+
+    wait_until(gone, timeout=timeout, interval=0.5, message=f"{names} deleted")
+
+
+def install_istio_crds(cluster: LocalCluster) -> Path:
+    """Server-side apply Istio's CRDs (skipped when VirtualService is served) and wait.
+    CRDs still being deleted are waited out first, or they would vanish after this returns."""
     crds = istio_crds_file()
-    if probe.returncode == 0:
+    state = _istio_crd_state(cluster)
+    if state == "present":
         return crds
+    if state == "terminating":
+        remove_istio_crds(cluster)
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crds), timeout=120)
     names = [f"crd/{n}" for n in istio_crd_names(crds)]
     wait_established(cluster, names)

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from live_helpers import Kube, OperatorProcess, start_operator, wait_for
 
-from autoglm_dev.addons import install_istio_crds
+from autoglm_dev.addons import install_istio_crds, remove_istio_crds
 from autoglm_dev.cluster import install_crd
 from autoglm_operator.canary import VersionPlan
 from autoglm_operator.owner import Owner
@@ -51,7 +51,7 @@ def istio_crds(cluster: Any) -> Iterator[Path]:
     crds = install_istio_crds(cluster)
     yield crds
     if not present:
-        cluster.kubectl("delete", "-f", str(crds), "--ignore-not-found", "--wait=true", timeout=120)
+        remove_istio_crds(cluster)
 
 
 def _spec(**extra: Any) -> dict[str, Any]:

@@ -284,11 +284,15 @@ def test_a_slow_canary_is_paused_on_ttft_then_aborted(
             {"analysis": {**FAST, "successfulIntervals": 4, "failedIntervals": 2}},
         ],
     }
+    # The previous test left its own canary RolledBack: wait for this one's revision, or the
+    # old status would be read as this canary's verdict before the operator saw the patch.
+    before = canary_status(kube, NAME).get("canaryRevision")
     with Load(gw.gateway_port, host, workers=6, max_new_tokens=24) as load:
         patch_spec(kube, NAME, {"canary": canary})
         st = wait_for(
-            lambda: (s if (s := canary_status(kube, NAME)).get("reason") == "AnalysisFailedPaused"
-                     or s.get("phase") in ("Promoted", "RolledBack") else None),
+            lambda: (s if (s := canary_status(kube, NAME)).get("canaryRevision") not in (None, before)
+                     and (s.get("reason") == "AnalysisFailedPaused"
+                          or s.get("phase") in ("Promoted", "RolledBack")) else None),
             timeout=400,
             message=lambda: f"a latency pause: {canary_status(kube, NAME)}\n{op.log_tail()}",
         )  # fmt: skip
