@@ -228,3 +228,14 @@ def agd(name: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def wait_for(probe: Any, *, timeout: float = 60, message: Any = "condition") -> Any:
     return wait_until(probe, timeout=timeout, interval=0.5, message=message)
+
+
+def record(figure: str, **values: Any) -> None:
+    """Print a measured figure as one JSON line (``pytest -s`` shows it) and append it to
+    ``$AUTOGLM_OPERATOR_FIGURES`` when set."""
+    line = json.dumps({"figure": figure, **values}, sort_keys=True)
+    print(f"\n{line}")
+    path = os.environ.get("AUTOGLM_OPERATOR_FIGURES")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
