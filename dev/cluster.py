@@ -618,6 +618,16 @@ class LocalCluster:
             # HPAs act quickly in tests; defaults are for production.
             "--horizontal-pod-autoscaler-sync-period=5s",
             "--node-monitor-grace-period=10m",
+            # Sized for the scale benchmark (1,000 AutoGLMDeployments on 500 nodes, where
+            # each one costs the Deployment, ReplicaSet and endpoint controllers about 17
+            # requests): client-go's defaults (20 requests/s, 5 workers per controller)
+            # would make the control plane, not the operator, the limit (bench/README.md).
+            "--kube-api-qps=100",
+            "--kube-api-burst=200",
+            "--concurrent-deployment-syncs=20",
+            "--concurrent-replicaset-syncs=20",
+            "--concurrent-service-endpoint-syncs=20",
+            "--concurrent-endpoint-syncs=20",
         ]
 
     def _scheduler_args(self, ports: dict[str, int]) -> list[str]:
@@ -628,6 +638,9 @@ class LocalCluster:
             "--leader-elect=false",
             "--bind-address=127.0.0.1",
             f"--secure-port={ports['kube-scheduler']}",
+            # One binding and one event per pod: 1,000 pods at once (the scale benchmark).
+            "--kube-api-qps=100",
+            "--kube-api-burst=200",
         ]
 
     def _kwok_args(self) -> list[str]:
@@ -639,7 +652,11 @@ class LocalCluster:
             # Pod IPs on fake nodes: room for thousands of pods (a /24 runs out at 254).
             "--cidr=10.244.0.1/16",
             "--node-ip=10.0.0.1",
-            "--node-lease-duration-seconds=40",
+            # kwok renews every node's Lease well inside its duration: at 40 s that was
+            # about 22 updates/s for 500 nodes, a third of the apiserver's requests during
+            # the scale benchmark (bench/README.md). 300 s cuts it about 7x and stays inside
+            # the controller manager's --node-monitor-grace-period (10 min).
+            "--node-lease-duration-seconds=300",
         ]
 
     def _agent_args(self) -> list[str]:
