@@ -1,15 +1,21 @@
-"""Fixtures: a tiny model per session, a shared server, and extra servers per test.
+"""Fixtures: a tiny model per session, a shared server (and an openai client on it), and
+extra servers per test.
 
-See ``server_helpers.ServerProcess`` for how a server process is run and watched.
+See ``server_helpers.ServerProcess`` for how a server process is run and watched, and
+``server_helpers.serving`` for a module's own servers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, openai_client, serving
+
+if TYPE_CHECKING:
+    import openai
 
 
 @pytest.fixture(scope="session")
@@ -26,12 +32,14 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     proc = ServerProcess(
         tiny_model, tmp_path_factory.mktemp("server"), "--served-model-name", "tiny"
     )
-    try:
-        proc.wait_serving()
+    with serving(proc):
         yield proc
-    finally:
-        code = proc.stop()
-        assert code == 0, proc.log()[-3000:]
+
+
+@pytest.fixture
+def oai(server: ServerProcess) -> openai.OpenAI:
+    """The official openai client on the shared server."""
+    return openai_client(server)
 
 
 @pytest.fixture

@@ -8,13 +8,17 @@ with a deadline; a server that misbehaves fails the test with its log tail.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import httpx
@@ -23,6 +27,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from autoglm_server.client import wait_until_serving
+
+if TYPE_CHECKING:
+    import openai
 
 START_LIMIT_S = 120.0  # torch import + load + warm-up on two busy cores
 
@@ -150,3 +157,44 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serving(*procs: ServerProcess) -> Iterator[None]:
+    """Wait until each of ``procs`` is SERVING; on the way out stop each and require a
+    clean drain (exit 0). A server fixture: ``with serving(proc): yield proc``."""
+    try:
+        for proc in procs:
+            proc.wait_serving()
+        yield
+    finally:
+        for proc in procs:
+            assert proc.stop() == 0, proc.log()[-3000:]
+
+
+def openai_client(proc: ServerProcess, timeout: float = 60) -> openai.OpenAI:
+    """The official openai client on ``proc``'s HTTP port; no retries, so a failure shows."""
+    import openai
+
+    return openai.OpenAI(
+        base_url=f"http://{proc.host}:{proc.http_port}/v1",
+        api_key="unused",
+        max_retries=0,
+        timeout=timeout,
+    )
+
+
+def hang_up_mid_generation(proc: ServerProcess) -> None:
+    """A long chat completion (not streamed) on a raw socket, closed once the request runs;
+    returns when the server has no request running."""
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": "go"}], "max_tokens": 1500, "ignore_eos": True}
+    ).encode()
+    with socket.create_connection((proc.host, proc.http_port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        proc.wait_metric("autoglm_running_requests", 1)
+    proc.wait_metric("autoglm_running_requests", 0)

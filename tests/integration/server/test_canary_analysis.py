@@ -33,7 +33,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from server_helpers import ServerProcess, free_port
+from server_helpers import ServerProcess, free_port, serving
 
 from autoglm_dev.addons import prometheus_args
 from autoglm_dev.binaries import find_binary
@@ -72,13 +72,8 @@ def servers(
         ServerProcess(tiny_model, workdir, "--served-model-name", "tiny"),
         ServerProcess(broken, workdir, "--served-model-name", "tiny"),
     )
-    try:
-        for proc in procs:
-            proc.wait_serving()
+    with serving(*procs):
         yield procs
-    finally:
-        for proc in procs:
-            assert proc.stop() == 0, proc.log()[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, serving
 
 from autoglm_server.client import AutoGLMClient
 
@@ -29,13 +29,8 @@ def two_servers(
         ServerProcess(tiny_model, workdir, "--served-model-name", "tiny", host=host)
         for host in ("127.0.0.2", "127.0.0.3")
     ]
-    try:
-        for proc in procs:
-            proc.wait_serving()
+    with serving(*procs):
         yield procs
-    finally:
-        for proc in procs:
-            assert proc.stop() == 0, proc.log()[-3000:]
 
 
 def _finished(proc: ServerProcess) -> float:

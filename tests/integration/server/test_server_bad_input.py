@@ -6,11 +6,10 @@ stderr JSON."""
 from __future__ import annotations
 
 import json
-import socket
 
 import grpc
 import pytest
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, hang_up_mid_generation
 
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2 as pb
 
@@ -82,17 +81,7 @@ def test_grpc_invalid_utf8_is_invalid_argument_naming_the_field(server: ServerPr
 
 def test_client_hang_up_is_not_logged_as_an_error(server: ServerProcess) -> None:
     start = len(server.log())
-    body = json.dumps(
-        {"messages": [{"role": "user", "content": "go"}], "max_tokens": 1500, "ignore_eos": True}
-    ).encode()
-    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        server.wait_metric("autoglm_running_requests", 1)
-    server.wait_metric("autoglm_running_requests", 0)
+    hang_up_mid_generation(server)
     # One more request, so anything logged after the hang-up has been written.
     assert server.http.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}).is_success
     tail = server.log()[start:]

@@ -22,7 +22,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, serving
 
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2 as pb
 
@@ -39,13 +39,10 @@ def fuzz_server(
         tiny_model, tmp_path_factory.mktemp("fuzz"), "--served-model-name", "tiny",
         "--max-model-len", "96", "--http-max-body-bytes", "65536",
     )  # fmt: skip
-    try:
-        proc.wait_serving()
+    with serving(proc):
         yield proc
-    finally:
         assert proc.metric("autoglm_requests_total", default=0.0, code="INTERNAL") == 0.0
         assert proc.metric("autoglm_requests_total", default=0.0, code="UNKNOWN") == 0.0
-        assert proc.stop() == 0, proc.log()[-3000:]
 
 
 def _operations() -> list[Any]:

@@ -10,36 +10,14 @@ from typing import Any
 import grpc
 import jsonschema
 import pytest
+import tool_defs
 from server_helpers import ServerProcess
+from tool_defs import WEATHER
 
 from autoglm_server.client import AutoGLMClient, StreamChunk
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "enum": ["Paris", "Beijing", "Lima"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city", "days"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {  # the flat shape the client also takes
-    "name": "get_time",
-    "parameters": {
-        "type": "object",
-        "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-        "required": ["zone"],
-        "additionalProperties": False,
-    },
-}
-SCHEMAS = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["parameters"]}  # type: ignore[index]
+TIME = tool_defs.TIME["function"]  # the flat shape the client also takes
+SCHEMAS = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["parameters"]}
 USER = [("user", "What is the weather in Paris?")]
 
 

@@ -3,31 +3,19 @@ OpenAI-shaped errors, client disconnects, and /metrics."""
 
 from __future__ import annotations
 
-import json
 import re
-import socket
 from pathlib import Path
 
 import grpc
 import openai
 import pytest
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, hang_up_mid_generation
 
 from autoglm_server.client import AutoGLMClient
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2 as pb
 from autoglm_server.proto.autoglm.v1 import autoglm_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture
-def oai(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"http://127.0.0.1:{server.http_port}/v1",
-        api_key="unused",
-        max_retries=0,
-        timeout=30,
-    )
 
 
 def test_openai_models(oai: openai.OpenAI) -> None:
@@ -140,21 +128,11 @@ def test_stream_disconnect_aborts_the_request(server: ServerProcess) -> None:
 
 
 def test_non_streaming_disconnect_aborts_the_request(server: ServerProcess) -> None:
-    body = json.dumps(
-        {"messages": [{"role": "user", "content": "go"}], "max_tokens": 1500, "ignore_eos": True}
-    ).encode()
     cancelled = server.metric("autoglm_requests_total", 0.0, code="CANCELLED")
     ok = server.metric("autoglm_requests_total", 0.0, code="OK")
-    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        server.wait_metric("autoglm_running_requests", 1)
     # The client is gone mid-generation: the slot is freed and the request is
     # counted as cancelled, not run to its 1500 tokens.
-    server.wait_metric("autoglm_running_requests", 0)
+    hang_up_mid_generation(server)
     assert server.metric("autoglm_requests_total", 0.0, code="CANCELLED") == cancelled + 1
     assert server.metric("autoglm_requests_total", 0.0, code="OK") == ok
 

@@ -13,36 +13,9 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, openai_client, serving
+from tool_defs import TIME, WEATHER
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "enum": ["Paris", "Beijing", "Lima"]},
-                "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            },
-            "required": ["city", "days"],
-            "additionalProperties": False,
-        },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
 PERSON = {
     "type": "object",
     "properties": {
@@ -78,20 +51,6 @@ LLAMA3_TEMPLATE = (
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-def _client(proc: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"http://127.0.0.1:{proc.http_port}/v1",
-        api_key="unused",
-        max_retries=0,
-        timeout=60,
-    )
-
-
-@pytest.fixture
-def oai(server: ServerProcess) -> openai.OpenAI:
-    return _client(server)
-
-
 @pytest.fixture(scope="module")
 def llama3_server(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
@@ -103,11 +62,8 @@ def llama3_server(
     proc = ServerProcess(
         tiny_model, workdir, "--served-model-name", "tiny", "--chat-template", str(template)
     )
-    try:
-        proc.wait_serving()
+    with serving(proc):
         yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()[-3000:]
 
 
 def _check_call(call: Any, tools: list[dict[str, Any]]) -> None:
@@ -143,7 +99,7 @@ def _stream_calls(stream: Any) -> tuple[list[dict[str, str]], str | None, str]:
 def test_tool_choice_required_and_named(
     which: str, server: ServerProcess, llama3_server: ServerProcess
 ) -> None:
-    client = _client(server if which == "glm4" else llama3_server)
+    client = openai_client(server if which == "glm4" else llama3_server)
     tools = [WEATHER, TIME]
     for seed in range(3):
         resp = client.chat.completions.create(

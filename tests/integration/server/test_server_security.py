@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from google.rpc import error_details_pb2, status_pb2
-from server_helpers import ServerProcess
+from server_helpers import ServerProcess, serving
 
 from autoglm_server.client import AutoGLMClient
 
@@ -59,11 +59,8 @@ def secured(
         tiny_model, workdir, "--served-model-name", "tiny", "--api-keys-file", str(keys),
         "--log-level", "debug", "--http-max-body-bytes", "65536",
     )  # fmt: skip
-    try:
-        proc.wait_serving()
+    with serving(proc):
         yield proc, keys
-    finally:
-        assert proc.stop() == 0, proc.log()[-3000:]
 
 
 def _grpc_code(proc: ServerProcess, key: str | None, method: str = "generate") -> str:
