@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_helpers import ROOT, Kube, OperatorProcess, agd, start_operator, wait_for
+from operator_helpers import ROOT, Kube, OperatorProcess, agd, record, start_operator, wait_for
 
 pytestmark = pytest.mark.k8s
 
@@ -54,12 +54,14 @@ def test_newest_instance_leads_and_the_other_takes_over(
 
         # The leader leaves (SIGTERM): it removes itself from the peering object,
         # and the standby resumes and takes the object over.
+        left = time.monotonic()
         second.stop()
         wait_for(
             lambda: first.reconciles() >= 1,
             timeout=60,
             message=lambda: f"the standby to take over; its log:\n{first.log_tail()}",
         )
+        record("peering_handover_after_sigterm", handover_s=round(time.monotonic() - left, 1))
         kube.run("patch", "agd", "led", "--type=merge", "-p", json.dumps({"spec": {"replicas": 2}}))
         before = first.reconciles()
         wait_for(
@@ -109,8 +111,16 @@ def test_standby_takes_over_from_a_killed_leader_within_the_peering_lifetime(
             message=lambda: f"the standby to resume; its log:\n{standby.log_tail()}",
         )
         takeover = time.monotonic() - killed
-        print(
-            f"\nFIGURE takeover after SIGKILL of the leader: {takeover:.1f}s (lifetime {lifetime}s)"
+        wait_for(
+            lambda: standby.reconciles() >= 1,
+            timeout=60,
+            message=lambda: f"the new leader to reconcile; its log:\n{standby.log_tail()}",
+        )
+        record(
+            "peering_takeover_after_sigkill",
+            resumed_s=round(takeover, 1),
+            first_reconcile_s=round(time.monotonic() - killed, 1),
+            lifetime_s=lifetime,
         )
         before = standby.reconciles()
         kube.run("patch", "agd", "led", "--type=merge", "-p", json.dumps({"spec": {"replicas": 2}}))
