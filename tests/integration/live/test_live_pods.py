@@ -223,8 +223,14 @@ def test_rolling_update_under_steady_load_loses_no_request(
 ) -> None:
     kube.apply(live_agd("roll", replicas=2))
     _wait_agd(kube, "roll", "True")
-    old_ips = set(ready_addresses(kube, "roll"))
-    assert len(old_ips) == 2
+    # Ready follows the pods; the EndpointSlice controller publishes them a moment later.
+    old_ips = set(
+        wait_for(
+            lambda: ips if len(ips := ready_addresses(kube, "roll")) == 2 else None,
+            timeout=30,
+            message=lambda: f"2 ready addresses, have {ready_addresses(kube, 'roll')}",
+        )
+    )
 
     # A client as a headless-Service gRPC client would be: round robin over the
     # ready EndpointSlice addresses (refreshed every 0.3 s), and UNAVAILABLE
