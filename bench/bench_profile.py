@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import random
 import re
-import socket
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu
 import bench_runner
 import bench_serving
+import gpu_harness
 
 _CATEGORIES = (
     ("attention", re.compile(r"paged_decode|flash|fmha|_combine", re.I)),
@@ -55,21 +54,6 @@ def category(name: str) -> str:
         if pattern.search(name):
             return cat
     return "other"
-
-
-def build(shape: str, device: str) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM, Glm4Config, LlamaConfig
-
-    spec = dict(bench_gpu.SHAPES[shape])
-    arch = spec.pop("arch")
-    cls = Glm4Config if arch == "Glm4ForCausalLM" else LlamaConfig
-    config = cls(**spec, max_position_embeddings=131072, eos_token_id=1, pad_token_id=0)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
 
 
 def copy_bandwidth() -> float:
@@ -222,58 +206,33 @@ def runner_phase(args: argparse.Namespace, model: Any, out: dict[str, Any]) -> A
     return runner
 
 
-def _engine(args: argparse.Namespace, model: Any, runner: Any, slots: int) -> Any:
-    import torch
-
-    from autoglm_server.engine.config import BatchingConfig, EngineConfig
-    from autoglm_server.engine.engine import LLMEngine
-    from autoglm_server.engine.loader import LoadedModel
-
-    spec = bench_gpu.SHAPES[args.shape]
-    loaded = LoadedModel(
-        model=model,
-        tokenizer=bench_gpu.make_tokenizer(spec["vocab_size"]),
-        model_dir=Path("."),
-        device=torch.device(args.device),
-        dtype=runner.dtype,
-        max_model_len=args.max_len,
-        architecture=spec["arch"],
-        vocab_size=spec["vocab_size"],
-        eos_token_ids=frozenset({1}),
-    )
-    config = EngineConfig(
-        model=args.shape,
-        device=args.device,
-        max_model_len=args.max_len,
-        batching=BatchingConfig(max_batch_size=slots, max_batch_tokens=8192, max_queue_length=4096),
-    )
-    engine = LLMEngine(config, loader=lambda _c: loaded)
-    engine._build_runner = lambda _loaded: runner  # type: ignore[method-assign]
-    return engine
-
-
 async def engine_phase(args: argparse.Namespace, model: Any, runner: Any) -> dict[str, Any]:
     """64 x (prompt + new tokens) through LLMEngine; per-step host overhead."""
-    engine = _engine(args, model, runner, 64)
+    engine = gpu_harness.make_engine(args.shape, args.device, model, runner, 64)
     await engine.start()
-    log: list[tuple[float, float, float, int, int]] = []
-    orig_execute, orig_output = runner.execute, runner._output
-    sync = [0.0]
+    # Per step: launch start, launch end, the wait in collect, rows, tokens. The engine
+    # launches step N+1 before it collects step N (execute is launch then collect).
+    log: list[list[float]] = []
+    by_step: dict[int, list[float]] = {}
+    orig_launch, orig_collect = runner.launch, runner.collect
 
-    def timed_output(tokens: Any) -> Any:
+    def timed_launch(sched: Any) -> Any:
         t0 = time.perf_counter()
-        result = orig_output(tokens)
-        sync[0] = time.perf_counter() - t0
+        step = orig_launch(sched)
+        row = [t0, time.perf_counter(), 0.0, len(sched.seqs), sched.num_tokens]
+        log.append(row)
+        by_step[id(step)] = row
+        return step
+
+    def timed_collect(step: Any) -> Any:
+        t0 = time.perf_counter()
+        result = orig_collect(step)
+        row = by_step.pop(id(step), None)
+        if row is not None:
+            row[2] = time.perf_counter() - t0
         return result
 
-    def timed_execute(sched: Any) -> Any:
-        sync[0] = 0.0
-        t0 = time.perf_counter()
-        result = orig_execute(sched)
-        log.append((t0, time.perf_counter(), sync[0], len(sched.seqs), sched.num_tokens))
-        return result
-
-    runner.execute, runner._output = timed_execute, timed_output
+    runner.launch, runner.collect = timed_launch, timed_collect
     rng = random.Random(1)
     vocab = bench_gpu.SHAPES[args.shape]["vocab_size"]
     results: dict[str, Any] = {}
@@ -288,7 +247,7 @@ async def engine_phase(args: argparse.Namespace, model: Any, runner: Any) -> dic
             sys.setswitchinterval(old)
             dec = [i for i in range(len(log) - 1) if log[i][3] == log[i][4] == 64]
             periods = sorted(log[i + 1][0] - log[i][0] for i in dec)
-            execs = sorted(log[i][1] - log[i][0] for i in dec)
+            execs = sorted(log[i][1] - log[i][0] + log[i][2] for i in dec)
             syncs = sorted(log[i][2] for i in dec)
             med = lambda xs: xs[len(xs) // 2] * 1e3 if xs else None  # noqa: E731
             res.update(
@@ -304,50 +263,23 @@ async def engine_phase(args: argparse.Namespace, model: Any, runner: Any) -> dic
         prompts = [[rng.randrange(3, vocab) for _ in range(args.prompt_len)] for _ in range(64)]
         results["prefill_64"] = (await bench_gpu._run_batch(engine, prompts, 1, "p"))["duration_s"]
     finally:
-        runner.execute, runner._output = orig_execute, orig_output
+        runner.launch, runner.collect = orig_launch, orig_collect
         await engine.shutdown(grace_s=1)
     return results
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def server_phase(args: argparse.Namespace, model: Any, runner: Any) -> dict[str, Any]:
     """The gRPC server in this process on the same runner; a client process per level."""
-    from autoglm_server.app import ServeOptions, ServerProcess
-    from autoglm_server.frontend import Phase
-
-    top = max(args.levels)
-    engine = _engine(args, model, runner, top)
-    port = _free_port()
-    options = ServeOptions(
-        host="127.0.0.1", grpc_port=port, http_port=_free_port(), metrics_port=0,
-        shutdown_grace_s=1.0,
-    )  # fmt: skip
-    server = ServerProcess(engine.config, options, engine_factory=lambda _c, _f: engine)
-    task = asyncio.create_task(server.run())
-    while server.state.phase != Phase.SERVING:
-        if task.done():
-            raise RuntimeError(f"server exited: {task.result()}")
-        await asyncio.sleep(0.1)
+    engine = gpu_harness.make_engine(args.shape, args.device, model, runner, max(args.levels))
     sweep: dict[str, Any] = {}
-    try:
+    async with gpu_harness.grpc_server(engine) as target:
         for c in args.levels:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--client", f"127.0.0.1:{port}", "--level", str(c),
+            sweep[str(c)] = await gpu_harness.run_client(
+                __file__, target, "--level", str(c),
                 "--requests", str(c * args.requests_per_slot), "--prompt-len", str(args.prompt_len),
                 "--max-new-tokens", str(args.max_new_tokens),
-                stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
-            stdout, _ = await proc.communicate()
-            sweep[str(c)] = json.loads(stdout.decode().strip().splitlines()[-1])
             print(f"server c={c}: {json.dumps(sweep[str(c)])}", flush=True)
-    finally:
-        server.request_stop("benchmark done")
-        await task
     return sweep
 
 
@@ -396,21 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     args.levels = [int(c) for c in args.concurrency.split(",") if c]
     args.max_len = args.prompt_len + args.max_new_tokens + 64
 
-    import torch
-
     result: dict[str, Any] = {
         "benchmark": "bench_profile",
         "workload": f"{args.shape}-{args.prompt_len}-{args.max_new_tokens}",
-        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "git": bench_serving._git(),
-        "device": {**bench_serving._device(), "torch": torch.__version__},
+        **gpu_harness.provenance(),
         "config": {k: v for k, v in vars(args).items() if k not in ("client",)},
     }
     if args.device == "cuda":
         result["copy_tb_per_s"] = copy_bandwidth() / 1e12
         print(f"copy bandwidth {result['copy_tb_per_s']:.2f} TB/s", flush=True)
     t0 = time.perf_counter()
-    model = build(args.shape, args.device)
+    model = gpu_harness.build_model(args.shape, args.device)
     result["model_build_s"] = time.perf_counter() - t0
     runner_out: dict[str, Any] = {}
     result["runner"] = runner_out
@@ -423,12 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.levels:
             result["server"] = asyncio.run(server_phase(args, model, runner))
     finally:
-        line = json.dumps(result)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-        (out / f"bench_profile-{args.shape}-{stamp}.json").write_text(line + "\n")
-        print(line)
+        path = gpu_harness.result_path(args.out, "bench_profile", args.shape)
+        print(gpu_harness.write_result(path, result))
     return 0
 
 

@@ -33,86 +33,37 @@ the agreement and should come first).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import datetime as dt
-import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_tp
 
-AGREEMENT_PROMPTS = 8
 AGREEMENT_STEPS = 256
 
 
 async def child_run(args: argparse.Namespace) -> dict[str, Any]:
-
-    from autoglm_server.engine.engine import LLMEngine
+    def describe(engine: Any) -> dict[str, Any]:
+        return {"quantization": engine.model_info.quantization, **bench_tp.LOAD_STATS}
 
     method = "none" if args.method == "bf16" else args.method
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = bench_tp.write_model_dir(args.shape, Path(tmp))
-        cfg = bench_tp.engine_config(
-            model_dir, args.device, quantization=method, compile=args.compile
-        )
-        engine = LLMEngine(cfg, loader=bench_tp.load_random)
-        t0 = time.perf_counter()
-        await engine.start()
-        start_s = time.perf_counter() - t0
-        try:
-            result = await bench_tp.serve_workload(
-                engine,
-                prompt_len=args.prompt_len,
-                new_tokens=args.new_tokens,
-                concurrency=args.concurrency,
-                c1_requests=args.c1_requests,
-            )
-            result["greedy_tokens"] = await bench_tp.greedy_tokens(
-                engine, AGREEMENT_PROMPTS, args.prompt_len, args.agreement_steps
-            )
-            result["start_s"] = start_s
-            result["quantization"] = engine.model_info.quantization
-            result.update(bench_tp.LOAD_STATS)
-        finally:
-            await engine.shutdown(grace_s=1)
-    return result
+    return await bench_tp.measure(args, describe, quantization=method)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="glm9b", choices=sorted(bench_tp.SHAPES))
-    parser.add_argument("--device", default="cuda")
+    bench_tp.add_options(parser, shape="glm9b", agreement_steps=AGREEMENT_STEPS)
     parser.add_argument("--methods", default="bf16,fp8,int8,int4")
     parser.add_argument("--method", help=argparse.SUPPRESS)
-    parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--concurrency", default="1,64")
-    parser.add_argument("--c1-requests", type=int, default=5)
-    parser.add_argument("--agreement-steps", type=int, default=AGREEMENT_STEPS)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--child-timeout-s", type=float, default=280.0)
-    parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
 
     if args.child_out:
-        bench_tp.logging_setup()
-        result = asyncio.run(child_run(args))
-        Path(args.child_out).write_text(json.dumps(result))
-        return 0
+        return bench_tp.run_child(args, child_run)
 
     methods = str(args.methods).split(",")
-    common = [
-        "--shape", args.shape, "--device", args.device, "--prompt-len", str(args.prompt_len),
-        "--new-tokens", str(args.new_tokens), "--concurrency", ",".join(map(str, args.concurrency)),
-        "--c1-requests", str(args.c1_requests), "--agreement-steps", str(args.agreement_steps),
-        "--compile" if args.compile else "--no-compile",
-    ]  # fmt: skip
+    common = bench_tp.child_argv(args)
     runs = bench_tp.run_children(args, __file__, [[*common, "--method", m] for m in methods])
     results = dict(zip(methods, runs, strict=True))
     ref = results.get("bf16", {}).get("greedy_tokens")
@@ -139,27 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         "fp8_throughput_vs_bf16": ">= 1.3",
         "int4_weight_memory_vs_int8": "about 0.5",
     }
-    record = {
-        "bench": "bench_quant",
-        "time": dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ"),
-        "device": bench_tp.device_name(args.device),
-        "commit": bench_tp.git_commit(),
-        "workload": f"{args.shape}-{args.prompt_len}-{args.new_tokens}",
-        "config": {
-            "shape": bench_tp.SHAPES[args.shape],
-            "methods": methods,
-            "concurrency": args.concurrency,
-            "compile": args.compile,
-            "agreement": {"prompts": AGREEMENT_PROMPTS, "steps": args.agreement_steps},
-        },
-        "results": results,
-        "summary": summary,
+    config = {
+        "methods": methods,
+        "concurrency": args.concurrency,
+        "compile": args.compile,
+        "agreement": {"prompts": bench_tp.AGREEMENT_PROMPTS, "steps": args.agreement_steps},
     }
-    line = json.dumps(record)
-    print(line)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_quant-{args.shape}-{record['time']}.json").write_text(line + "\n")
+    bench_tp.save_record(args, "bench_quant", config, results, summary)
     return 0
 
 

@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import gc
 import json
 import random
-import socket
 import sys
 import time
 from pathlib import Path
@@ -48,6 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu
 import bench_serving
+import gpu_harness
 
 SHORT = 512  # prompt tokens of the reference workloads
 NEW = 128
@@ -57,21 +56,6 @@ def pct(values: list[float], q: float) -> float | None:
     from autoglm_server.loadgen import percentile
 
     return percentile(values, q)
-
-
-def build(shape: str, device: str) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM, Glm4Config, LlamaConfig
-
-    spec = dict(bench_gpu.SHAPES[shape])
-    arch = spec.pop("arch")
-    cls = Glm4Config if arch == "Glm4ForCausalLM" else LlamaConfig
-    config = cls(**spec, max_position_embeddings=131072, eos_token_id=1, pad_token_id=0)
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
 
 
 def sync(device: str) -> None:
@@ -162,34 +146,7 @@ def baselines(args: argparse.Namespace, model: Any, vocab: int) -> dict[str, Any
 
 
 def make_engine(args: argparse.Namespace, model: Any, runner: Any, slots: int, **cfg: Any) -> Any:
-    import torch
-
-    from autoglm_server.engine.config import BatchingConfig, EngineConfig
-    from autoglm_server.engine.engine import LLMEngine
-    from autoglm_server.engine.loader import LoadedModel
-
-    spec = bench_gpu.SHAPES[args.shape]
-    loaded = LoadedModel(
-        model=model,
-        tokenizer=bench_gpu.make_tokenizer(spec["vocab_size"]),
-        model_dir=Path("."),
-        device=torch.device(args.device),
-        dtype=runner.dtype,
-        max_model_len=runner.max_model_len,
-        architecture=spec["arch"],
-        vocab_size=spec["vocab_size"],
-        eos_token_ids=frozenset({1}),
-    )
-    config = EngineConfig(
-        model=args.shape,
-        device=args.device,
-        max_model_len=runner.max_model_len,
-        batching=BatchingConfig(max_batch_size=slots, max_batch_tokens=8192, max_queue_length=8192),
-        **cfg,
-    )
-    engine = LLMEngine(config, loader=lambda _c: loaded)
-    engine._build_runner = lambda _loaded: runner  # type: ignore[method-assign]
-    return engine
+    return gpu_harness.make_engine(args.shape, args.device, model, runner, slots, **cfg)
 
 
 async def run_batch(engine: Any, prompts: list[list[int]], new: int, tag: str) -> dict[str, Any]:
@@ -393,21 +350,6 @@ async def prefix_phase(args: argparse.Namespace, model: Any, runner: Any) -> dic
 # -- the gRPC server and its clients --------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def client(*argv: str) -> dict[str, Any]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--client", *argv, stdout=asyncio.subprocess.PIPE
-    )
-    stdout, _ = await proc.communicate()
-    result: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
-    return result
-
-
 async def server_phase(
     args: argparse.Namespace,
     model: Any,
@@ -417,47 +359,33 @@ async def server_phase(
     *,
     pipeline: bool = True,
 ) -> None:
-    from autoglm_server.app import ServeOptions, ServerProcess
-    from autoglm_server.frontend import Phase
-
     engine = make_engine(args, model, runner, 256, pipeline=pipeline)
-    port = _free_port()
-    options = ServeOptions(
-        host="127.0.0.1", grpc_port=port, http_port=_free_port(), metrics_port=0,
-        shutdown_grace_s=1.0,
-    )  # fmt: skip
-    server = ServerProcess(engine.config, options, engine_factory=lambda _c, _f: engine)
-    task = asyncio.create_task(server.run())
-    while server.state.phase != Phase.SERVING:
-        if task.done():
-            raise RuntimeError(f"server exited: {task.result()}")
-        await asyncio.sleep(0.1)
-    target = f"127.0.0.1:{port}"
     vocab = str(bench_gpu.SHAPES[args.shape]["vocab_size"])
-    try:
+    async with gpu_harness.grpc_server(engine) as target:
         sweep: dict[str, Any] = {}
         result["server_sweep" if pipeline else "server_sweep_not_pipelined"] = sweep
         for c in args.levels:
             n = max(4, c * args.requests_per_slot)
-            sweep[str(c)] = await client(target, "closed", str(c), str(n), vocab)
+            sweep[str(c)] = await gpu_harness.run_client(
+                __file__, target, "closed", str(c), str(n), vocab
+            )
             print(f"server c={c}: {json.dumps(sweep[str(c)])}", flush=True)
             save()
         if args.serve:
             serve: dict[str, Any] = {}
             result["serve_1k"] = serve
-            serve["all_at_once"] = await client(target, "open", "0", str(args.serve_requests), vocab)  # fmt: skip
+            serve["all_at_once"] = await gpu_harness.run_client(
+                __file__, target, "open", "0", str(args.serve_requests), vocab
+            )
             print(f"serve-1k all at once: {json.dumps(serve['all_at_once'])}", flush=True)
             save()
             for rate in args.rates:
-                serve[f"poisson_{rate:g}"] = await client(
-                    target, "open", str(rate), str(args.poisson_requests), vocab
+                serve[f"poisson_{rate:g}"] = await gpu_harness.run_client(
+                    __file__, target, "open", str(rate), str(args.poisson_requests), vocab
                 )
                 print(f"serve-1k poisson {rate}: {json.dumps(serve[f'poisson_{rate:g}'])}", flush=True)  # fmt: skip
                 save()
         result["server_preemptions"] = engine._scheduler.num_preemptions
-    finally:
-        server.request_stop("benchmark done")
-        await task
 
 
 async def client_main(argv: list[str]) -> dict[str, Any]:
@@ -625,25 +553,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from autoglm_server.engine.runner import ModelRunner
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = out_dir / f"bench_suite-{args.shape}-{stamp}.json"
+    path = gpu_harness.result_path(args.out, "bench_suite", args.shape)
     result: dict[str, Any] = {
         "benchmark": "bench_suite",
         "shape": args.shape,
         "model": bench_gpu.SHAPES[args.shape],
-        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "git": bench_serving._git(),
-        "device": {**bench_serving._device(), "torch": torch.__version__},
+        **gpu_harness.provenance(),
         "config": {k: v for k, v in vars(args).items()},
     }
 
     def save() -> None:
-        path.write_text(json.dumps(result) + "\n")
+        gpu_harness.write_result(path, result)
 
     t0 = time.perf_counter()
-    model = build(args.shape, args.device)
+    model = gpu_harness.build_model(args.shape, args.device)
     result["model_build_s"] = time.perf_counter() - t0
     vocab = bench_gpu.SHAPES[args.shape]["vocab_size"]
     if args.long_only:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import random
@@ -42,12 +41,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu
+import gpu_harness
 
 # bench_gpu's shapes (tiny, glm9b, llama8b) plus the one issue 13 adds.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -65,6 +66,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
 }
 EOS = 1
+AGREEMENT_PROMPTS = 8  # greedy prompts of the quality proxy
 LOAD_STATS: dict[str, float] = {}  # this process's load: weights on its device, seconds
 
 
@@ -258,20 +260,17 @@ async def serve_workload(
     return out
 
 
-async def child_run(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
+async def measure(
+    args: argparse.Namespace, describe: Callable[[Any], dict[str, Any]], **overrides: Any
+) -> dict[str, Any]:
+    """A child's run: an engine (``overrides``: its ``EngineConfig`` fields) on the random
+    model of ``args.shape``, the workload, then the greedy tokens of the quality proxy;
+    ``describe(engine)`` adds what the benchmark reports of its engine."""
     from autoglm_server.engine.engine import LLMEngine
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(args.shape, Path(tmp))
-        cfg = engine_config(
-            model_dir,
-            args.device,
-            tensor_parallel_size=args.tp,
-            compile=args.compile,
-            pipeline=False,  # TP runs every step whole; TP=1 alike, for a like-for-like ratio
-        )
+        cfg = engine_config(model_dir, args.device, compile=args.compile, **overrides)
         engine = LLMEngine(cfg, loader=load_random)
         t0 = time.perf_counter()
         await engine.start()
@@ -285,17 +284,91 @@ async def child_run(args: argparse.Namespace) -> dict[str, Any]:
                 c1_requests=args.c1_requests,
             )
             result["greedy_tokens"] = await greedy_tokens(
-                engine, 8, args.prompt_len, args.agreement_steps
+                engine, AGREEMENT_PROMPTS, args.prompt_len, args.agreement_steps
             )
             result["start_s"] = start_s
-            result["rank0_load"] = dict(LOAD_STATS)
-            result["warmup_s"] = getattr(engine._runner, "warmup_s", None)
-            result["num_kv_blocks"] = engine._runner.num_blocks
-            if torch.cuda.is_available() and args.device.startswith("cuda"):
-                result["rank0_max_memory_gib"] = torch.cuda.max_memory_allocated(0) / 2**30
+            result.update(describe(engine))
         finally:
             await engine.shutdown(grace_s=1)
     return result
+
+
+async def child_run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    def describe(engine: Any) -> dict[str, Any]:
+        out = {
+            "rank0_load": dict(LOAD_STATS),
+            "warmup_s": getattr(engine._runner, "warmup_s", None),
+            "num_kv_blocks": engine._runner.num_blocks,
+        }
+        if torch.cuda.is_available() and args.device.startswith("cuda"):
+            out["rank0_max_memory_gib"] = torch.cuda.max_memory_allocated(0) / 2**30
+        return out
+
+    # TP runs every step whole (no pipelined launch/collect); TP=1 alike, for a like-for-like ratio
+    return await measure(args, describe, tensor_parallel_size=args.tp, pipeline=False)
+
+
+def add_options(parser: argparse.ArgumentParser, *, shape: str, agreement_steps: int) -> None:
+    """The options of a parent that runs each configuration in a child (this file and
+    bench_quant.py); :func:`child_argv` passes the workload's on to the children."""
+    parser.add_argument("--shape", default=shape, choices=sorted(SHAPES))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", default="1,64")
+    parser.add_argument("--c1-requests", type=int, default=5)
+    parser.add_argument("--agreement-steps", type=int, default=agreement_steps)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--child-timeout-s", type=float, default=280.0)
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+
+
+def child_argv(args: argparse.Namespace) -> list[str]:
+    """The workload's options, as every child of the parent gets them."""
+    return [
+        "--shape", args.shape, "--device", args.device, "--prompt-len", str(args.prompt_len),
+        "--new-tokens", str(args.new_tokens), "--concurrency", ",".join(map(str, args.concurrency)),
+        "--c1-requests", str(args.c1_requests), "--agreement-steps", str(args.agreement_steps),
+        "--compile" if args.compile else "--no-compile",
+    ]  # fmt: skip
+
+
+def run_child(
+    args: argparse.Namespace, run: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]
+) -> int:
+    """The child's side of :func:`run_children`: ``run(args)`` into ``--child-out``."""
+    logging_setup()
+    result = asyncio.run(run(args))
+    Path(args.child_out).write_text(json.dumps(result))
+    return 0
+
+
+def save_record(
+    args: argparse.Namespace,
+    bench: str,
+    config: dict[str, Any],
+    results: dict[str, Any],
+    summary: dict[str, Any],
+) -> None:
+    """The parent's JSON line (device, commit, workload, config, each child's results and
+    the summary): printed and written to ``--out``."""
+    when = gpu_harness.stamp()
+    record = {
+        "bench": bench,
+        "time": when,
+        "device": device_name(args.device),
+        "commit": git_commit(),
+        "workload": f"{args.shape}-{args.prompt_len}-{args.new_tokens}",
+        "config": {"shape": SHAPES[args.shape], **config},
+        "results": results,
+        "summary": summary,
+    }
+    print(
+        gpu_harness.write_result(gpu_harness.result_path(args.out, bench, args.shape, when), record)
+    )
 
 
 def run_children(args: argparse.Namespace, script: str, extra: list[list[str]]) -> list[Any]:
@@ -351,37 +424,19 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="glm32b", choices=sorted(SHAPES))
-    parser.add_argument("--device", default="cuda")
+    add_options(parser, shape="glm32b", agreement_steps=128)
     parser.add_argument(
         "--tp", default="1,2", help="comma-separated TP sizes (the first is the baseline)"
     )
-    parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--concurrency", default="1,64")
-    parser.add_argument("--c1-requests", type=int, default=5)
-    parser.add_argument("--agreement-steps", type=int, default=128)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--child-timeout-s", type=float, default=280.0)
-    parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
 
     if args.child_out:
         args.tp = int(args.tp)
-        logging_setup()
-        result = asyncio.run(child_run(args))
-        Path(args.child_out).write_text(json.dumps(result))
-        return 0
+        return run_child(args, child_run)
 
     sizes = [int(t) for t in str(args.tp).split(",")]
-    common = [
-        "--shape", args.shape, "--device", args.device, "--prompt-len", str(args.prompt_len),
-        "--new-tokens", str(args.new_tokens), "--concurrency", ",".join(map(str, args.concurrency)),
-        "--c1-requests", str(args.c1_requests), "--agreement-steps", str(args.agreement_steps),
-        "--compile" if args.compile else "--no-compile",
-    ]  # fmt: skip
+    common = child_argv(args)
     runs = run_children(args, __file__, [[*common, "--tp", str(t)] for t in sizes])
     by_tp = dict(zip((f"tp{t}" for t in sizes), runs, strict=True))
     base, other = runs[0], runs[-1]
@@ -402,27 +457,13 @@ def main(argv: list[str] | None = None) -> int:
                 other[top]["output_tok_per_s"], base[top]["output_tok_per_s"]
             )
             summary[f"throughput_{top}_target"] = ">= 1.6"
-    record = {
-        "bench": "bench_tp",
-        "time": dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ"),
-        "device": device_name(args.device),
-        "commit": git_commit(),
-        "workload": f"{args.shape}-{args.prompt_len}-{args.new_tokens}",
-        "config": {
-            "shape": SHAPES[args.shape],
-            "tp_sizes": sizes,
-            "concurrency": args.concurrency,
-            "compile": args.compile,
-            "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
-        },
-        "results": by_tp,
-        "summary": summary,
+    config = {
+        "tp_sizes": sizes,
+        "concurrency": args.concurrency,
+        "compile": args.compile,
+        "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
     }
-    line = json.dumps(record)
-    print(line)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_tp-{args.shape}-{record['time']}.json").write_text(line + "\n")
+    save_record(args, "bench_tp", config, by_tp, summary)
     return 0
 
 
