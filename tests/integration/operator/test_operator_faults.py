@@ -224,8 +224,8 @@ def test_apiserver_outage_of_a_minute_no_crash_and_everything_reconciles_after(
             outage_s=round(outage, 1),
             reconcile_errors_api=api_errors(op) - errors_before,
             burst_ready_after_outage_s=round(burst_ready, 1),
-            deployments_available_after_outage_s=max(
-                (d - back_at).total_seconds() for d, _ in times
+            deployments_available_after_outage_s=round(
+                max((d - back_at).total_seconds() for d, _ in times), 1
             ),
             status_ready_after_deployment_s=max((r - d).total_seconds() for d, r in times),
             new_object_ready_s=round(time.monotonic() - recovered, 1),
