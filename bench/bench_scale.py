@@ -17,8 +17,10 @@ After the last (largest) size, with everything Ready:
 - idle traffic: the operator's requests during ``--idle-seconds`` (longer
   than its resync period), by verb and resource, per minute, from the
   apiserver's audit log (user agents ``kopf/`` and ``OpenAPI-Generator/``);
-- reconcile duration p99 after the burst: 10% of the objects get a spec
-  change (a rolling update each); the operator's histogram over that wave;
+- reconcile duration p99 after the burst, from the operator's histograms, over
+  two waves on 10% of the objects each: a spec change that makes a new
+  revision (a new Deployment and Service each), then a replica count change
+  (the Deployment alone); with the apiserver's latency in each wave;
 - the operator's peak RSS (VmHWM) and CPU seconds (utime+stime) per phase;
 - the apiserver's request latency (audit: stageTimestamp - requestReceived),
   p50/p99 of non-watch requests during each burst, by verb;
@@ -84,16 +86,107 @@ def proc_figures(pid: int) -> dict[str, float]:
     }
 
 
+def component_cpu(cluster: Any) -> dict[str, float]:
+    """CPU seconds so far of each control-plane process (etcd, apiserver, kcm, scheduler, kwok)."""
+    state = cluster.load_state()
+    out: dict[str, float] = {}
+    for name, pid in (state.pids if state is not None else {}).items():
+        try:
+            out[name] = proc_figures(pid)["cpu_s"]
+        except (OSError, KeyError, IndexError):
+            continue
+    return out
+
+
+KCM_SERIES = (
+    "workqueue_queue_duration_seconds_sum",
+    "workqueue_queue_duration_seconds_count",
+)
+
+
+def scrape_controller_manager(cluster: Any) -> dict[str, float]:
+    """kube-controller-manager's work-queue waits (sums and counts, by queue), from its
+    /metrics (allowed without credentials, see dev/cluster.py), and how many times its log
+    says a request waited on its client-side rate limit (1.36 exports no metric for it)."""
+    import ssl
+
+    state = cluster.load_state()
+    port = (state.ports if state is not None else {}).get("kube-controller-manager")
+    if port is None:
+        return {}
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(
+            f"https://127.0.0.1:{port}/metrics", timeout=20, context=ctx
+        ) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = defaultdict(float)
+    log = Path(state.workdir) / "logs" / "kube-controller-manager.log" if state else None
+    if log is not None and log.exists():
+        with log.open(errors="replace") as fh:
+            out["throttled_log_lines"] = sum("client-side throttling" in line for line in fh)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name in KCM_SERIES:
+                label = s.labels.get("name", "")
+                out[f"{s.name}{{{label}}}" if label else s.name] += s.value
+    return dict(out)
+
+
+def delta_controller_manager(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Throttling log lines, and the mean work-queue wait per controller (seconds)."""
+
+    def d(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    out: dict[str, Any] = {
+        "client_side_throttling_log_lines": int(d("throttled_log_lines")),
+        "queue_wait_mean_s": {},
+    }
+    prefix = "workqueue_queue_duration_seconds_count{"
+    for key in after:
+        if key.startswith(prefix):
+            name = key[len(prefix) : -1]
+            n = d(key)
+            if n > 0:
+                total = d("workqueue_queue_duration_seconds_sum{" + name + "}")
+                out["queue_wait_mean_s"][name] = round(total / n, 3)
+    return out
+
+
+def requests_by_agent(entries: list[dict[str, Any]], top: int = 25) -> dict[str, int]:
+    """Every client's requests (watches excluded) by user agent, verb and resource."""
+    out: Counter[str] = Counter()
+    for e in entries:
+        if e.get("verb") == "watch":
+            continue
+        agent = str(e.get("userAgent", "?")).split(" ")[0].split("/")[0]
+        ref = e.get("objectRef") or {}
+        resource = ref.get("resource", "?") + (
+            "/" + ref["subresource"] if ref.get("subresource") else ""
+        )
+        out[f"{agent} {e['verb']} {resource}"] += 1
+    return dict(out.most_common(top))
+
+
 def scrape(port: int) -> dict[str, Any]:
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    out: dict[str, Any] = {"buckets": {}, "writes": {}}
+    out: dict[str, Any] = {"buckets": {}, "queue_buckets": {}, "writes": {}}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == "autoglm_operator_reconcile_duration_seconds_bucket":
                 out["buckets"][float(s.labels["le"])] = s.value
+            elif s.name == "autoglm_operator_queue_wait_seconds_bucket":
+                out["queue_buckets"][float(s.labels["le"])] = s.value
             elif s.name == "autoglm_operator_reconcile_duration_seconds_count":
                 out["count"] = s.value
             elif s.name == "autoglm_operator_api_writes_total":
@@ -251,6 +344,8 @@ def burst(cluster: Any, size: int, timeout_s: float, audit: Path, pid: int) -> d
     names = [f"m-{i:04d}" for i in range(size)]
     sent: dict[str, float] = {}
     before = proc_figures(pid)
+    cpu_before = component_cpu(cluster)
+    kcm_before = scrape_controller_manager(cluster)
     wall0 = time.time()
     start = time.monotonic()
 
@@ -269,6 +364,8 @@ def burst(cluster: Any, size: int, timeout_s: float, audit: Path, pid: int) -> d
     watcher.stop()
     wall1 = time.time()
     after = proc_figures(pid)
+    cpu_after = component_cpu(cluster)
+    kcm_after = scrape_controller_manager(cluster)
     missing_ready = [n for n in names if n not in watcher.ready_at]
     latencies = [watcher.ready_at[n] - sent[n] for n in names if n in watcher.ready_at]
     entries = audit_entries(audit, wall0, wall1)
@@ -292,6 +389,51 @@ def burst(cluster: Any, size: int, timeout_s: float, audit: Path, pid: int) -> d
         else None,
         "operator_cpu_s": round(after["cpu_s"] - before["cpu_s"], 1),
         "operator_peak_rss_mib": round(after["peak_rss_mib"], 1),
+        "operator_requests": dict(operator_requests(entries).most_common()),
+        "apiserver_latency": apiserver_latency(entries),
+        "control_plane_cpu_s": {
+            k: round(cpu_after[k] - v, 1) for k, v in cpu_before.items() if k in cpu_after
+        },
+        "controller_manager": delta_controller_manager(kcm_before, kcm_after),
+        "requests_by_agent": requests_by_agent(entries),
+    }
+
+
+def change_wave(
+    port: int, audit: Path, namespace: str, indexes: range, spec: dict[str, Any]
+) -> dict[str, Any]:
+    """Apply ``spec`` on top of the objects ``indexes`` at once (16 threads), wait 60 s,
+    and report the reconciles in that window from the operator's histograms."""
+    from autoglm_operator.k8s import KubeApi
+
+    client = KubeApi.from_environment(pool=16)
+    client.field_manager = "autoglm-bench"
+    client._client.user_agent = "autoglm-bench"
+    before = scrape(port)
+
+    def change(i: int) -> None:
+        m = manifest(f"m-{i:04d}", namespace)
+        m["spec"].update(spec)
+        client.apply(m)
+
+    w0 = time.time()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(change, indexes))
+    time.sleep(60)
+    after = scrape(port)
+    entries = audit_entries(audit, w0, time.time())
+    return {
+        "changed_objects": len(indexes),
+        "change": spec,
+        "reconciles": int(after.get("count", 0) - before.get("count", 0)),
+        # None: beyond the largest finite bucket (10 s).
+        "reconcile_p50_le_s": finite(histogram_quantile(before["buckets"], after["buckets"], 0.5)),
+        "reconcile_p99_le_s": finite(histogram_quantile(before["buckets"], after["buckets"], 0.99)),
+        "queue_wait_p99_le_s": finite(
+            histogram_quantile(before["queue_buckets"], after["queue_buckets"], 0.99)
+        )
+        if after["queue_buckets"]
+        else None,
         "operator_requests": dict(operator_requests(entries).most_common()),
         "apiserver_latency": apiserver_latency(entries),
     }
@@ -403,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         for size in sizes:
             result = burst(cluster, size, args.timeout_seconds, audit, operator.pid)
             results.append(result)
-            print(json.dumps({k: v for k, v in result.items() if k != "apiserver_latency"}))
+            print(json.dumps(result))
         # Idle: everything Ready, nothing changing.
         time.sleep(20)
         idle0 = time.time()
@@ -428,38 +570,22 @@ def main(argv: list[str] | None = None) -> int:
             "operator_cpu_percent": round(100 * (cpu1 - cpu0) / (idle1 - idle0), 1),
         }
         print(json.dumps({"idle": idle}))
-        # After the burst: a wave of spec changes on 10% of the largest namespace.
+        # After the burst, two waves on 10% of the largest namespace each: a spec change
+        # that makes a new revision (a new Deployment and Service, the old ones deleted),
+        # then, on other objects, a replica count (the Deployment alone).
         largest = results[-1]
-        before = scrape(port)
         wave = max(1, sizes[-1] // 10)
-        from autoglm_operator.k8s import KubeApi
-
-        client = KubeApi.from_environment(pool=16)
-        client.field_manager = "autoglm-bench"
-        client._client.user_agent = "autoglm-bench"
-
-        def change(i: int) -> None:
-            m = manifest(f"m-{i:04d}", largest["namespace"])
-            m["spec"]["server"] = {"batching": {"maxBatchSize": 32}}
-            client.apply(m)
-
-        w0 = time.time()
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(change, range(wave)))
-        time.sleep(60)
-        after = scrape(port)
-        wave_entries = audit_entries(audit, w0, time.time())
         post = {
-            "changed_objects": wave,
-            "reconciles": int(after.get("count", 0) - before.get("count", 0)),
-            # None: beyond the largest finite bucket (10 s).
-            "reconcile_p50_le_s": finite(
-                histogram_quantile(before["buckets"], after["buckets"], 0.5)
+            "revision_wave": change_wave(
+                port,
+                audit,
+                largest["namespace"],
+                range(wave),
+                {"server": {"batching": {"maxBatchSize": 32}}},
             ),
-            "reconcile_p99_le_s": finite(
-                histogram_quantile(before["buckets"], after["buckets"], 0.99)
+            "scale_wave": change_wave(
+                port, audit, largest["namespace"], range(wave, 2 * wave), {"replicas": 2}
             ),
-            "operator_requests": dict(operator_requests(wave_entries).most_common()),
         }
         print(json.dumps({"after_burst": post}))
         figures = proc_figures(operator.pid)
@@ -504,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
                 "peak_rss_mib": round(figures["peak_rss_mib"], 1),
                 "rss_mib_end": round(figures["rss_mib"], 1),
                 "cpu_s_total": round(figures["cpu_s"], 1),
-                "writes": after["writes"],
+                "writes": scrape(port)["writes"],
             },
         }
         args.out_dir.mkdir(parents=True, exist_ok=True)

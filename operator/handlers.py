@@ -15,10 +15,16 @@ What kopf watches, and why:
   child or pod event reconciles its owner at once.
 There are no create/update handlers: they would make kopf write progress
 annotations on every change; the event handler covers both.
+
+Handlers do not reconcile themselves: they add the object's key to the work
+queue (``workqueue.WorkQueue``) and return, and ``WORKERS`` threads run the
+reconciles, one at a time per object, triggers coalesced.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import logging
 import os
@@ -55,6 +61,7 @@ from .reconcile import Outcome, reconcile
 from .settings import PREFIX, Settings
 from .spec import GROUP, KIND, PLURAL, VERSION
 from .ssa import compute_caused_by
+from .workqueue import WorkQueue
 
 SETTINGS = Settings.from_environ(os.environ)
 ANNOTATION_PREFIX = "operator.autoglm.io"
@@ -73,6 +80,7 @@ CHILD_RESOURCES = (
     ("networking.istio.io", "v1beta1", "destinationrules", "DestinationRule"),
 )
 INDEX_NAMES = (OWNER_INDEX, POD_INDEX, NODE_INDEX, *CHILD_INDEXES.values())
+M_ARENA_MAX = -8  # glibc's mallopt parameter
 log = logging.getLogger(__name__)
 
 
@@ -106,6 +114,22 @@ def _slot_for(namespace: str, name: str) -> _Slot:
 def build_view(memo: Any, kwargs: Mapping[str, Any]) -> ClusterView:
     """The cache view for one reconcile: kopf's indexes (handler kwargs) and our write log."""
     return ClusterView({k: kwargs[k] for k in INDEX_NAMES if k in kwargs}, memo.writes)
+
+
+def process_key(memo: Any, key: tuple[str, str]) -> float | None:
+    """One reconcile from the work queue; the seconds until a retry when it failed.
+
+    kopf's indexes are live mappings: those captured from any handler's
+    arguments (``memo.indexes``) show the cache as it is now.
+    """
+    namespace, name = key
+    view = ClusterView(memo.indexes, memo.writes)
+    try:
+        run_reconcile(memo.api, view, namespace, name, log)
+    except kopf.TemporaryError as exc:
+        log.warning("%s/%s: reconcile failed, retried in %ss: %s", namespace, name, exc.delay, exc)
+        return float(exc.delay or 15)
+    return None
 
 
 def run_reconcile(
@@ -191,9 +215,22 @@ def compute_peering_plural(clusterwide: bool) -> str:
     return "clusterkopfpeerings" if clusterwide else "kopfpeerings"
 
 
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas (``mallopt(M_ARENA_MAX, arenas)``); False where that
+    is not possible (another libc, or ``arenas`` 0). Call before the worker threads start."""
+    if arenas <= 0:
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 @kopf.on.startup()
 def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any) -> None:
     cfg = SETTINGS
+    limit_malloc_arenas(cfg.malloc_arenas)
     verbose = logging.getLogger().level <= logging.DEBUG
     if cfg.log_format == "json":
         kopf.configure(log_format=kopf.LogFormat.JSON, verbose=verbose)
@@ -213,11 +250,22 @@ def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any
     # Events are posted explicitly (on condition transitions), not from log lines.
     settings.posting.loggers = False
     settings.posting.level = logging.WARNING
-    settings.execution.max_workers = cfg.workers
+    # kopf's thread pool only runs the handlers, which add a key to the work queue
+    # and return; the reconciles run on the queue's own WORKERS threads.
+    settings.execution.max_workers = 4
     settings.watching.server_timeout = 300
-    api = KubeApi.from_environment(qps=cfg.api_qps, burst=cfg.api_burst, pool=cfg.workers * 2)
+    api = KubeApi.from_environment(qps=cfg.api_qps, burst=cfg.api_burst, pool=cfg.workers + 4)
     memo.api = api
     memo.writes = WriteLog()
+    memo.indexes = {}
+    queue: WorkQueue[tuple[str, str]] = WorkQueue(
+        lambda key: process_key(memo, key),
+        cfg.workers,
+        on_wait=metrics.QUEUE_WAIT.observe,
+    )
+    metrics.QUEUE_DEPTH.set_function(lambda: len(queue))
+    queue.start()
+    memo.queue = queue
     # Leader election: instances share one peering object; the highest priority runs.
     if not settings.peering.standalone:
         settings.peering.name = cfg.peering
@@ -249,6 +297,14 @@ def on_startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **_: Any
         cfg.api_qps,
         cfg.api_burst,
     )
+
+
+@kopf.on.cleanup()
+def on_cleanup(memo: Any, **_: Any) -> None:
+    """Take no new reconciles; let those that run finish (briefly)."""
+    queue = getattr(memo, "queue", None)
+    if queue is not None:
+        queue.stop(timeout=10)
 
 
 # ---- the watch caches (kopf fills them before any handler runs) --------------------------
@@ -333,6 +389,8 @@ def on_object_event(
 )
 def on_timer(namespace: str | None, name: str, memo: Any, logger: Any, **kwargs: Any) -> None:
     assert namespace is not None
+    if enqueue(memo, kwargs, namespace, name):
+        return
     if claim_slot(namespace, name):
         run_reconcile(memo.api, build_view(memo, kwargs), namespace, name, logger, coalesced=True)
 
@@ -383,14 +441,28 @@ def claim_slot(namespace: str, name: str) -> bool:
         return True
 
 
+def enqueue(memo: Any, kwargs: Mapping[str, Any], namespace: str, name: str) -> bool:
+    """Add the object to the work queue; False when there is none (handlers called
+    directly, as unit tests do: they then reconcile in the calling thread)."""
+    queue = getattr(memo, "queue", None)
+    if queue is None:
+        return False
+    if len(memo.indexes) < len(INDEX_NAMES):
+        memo.indexes.update({k: kwargs[k] for k in INDEX_NAMES if k in kwargs})
+    queue.add((namespace, name))
+    return True
+
+
 def reconcile_soon(
     memo: Any, kwargs: Mapping[str, Any], namespace: str, owner: str, logger: Any
 ) -> None:
-    """Reconcile ``owner`` now, unless a reconcile of it already waits (it will see this event).
+    """Reconcile ``owner`` soon, unless a reconcile of it already waits (it will see this event).
 
-    Every trigger (object, child and pod events, the timer) goes through this
-    coalescing, so at most one worker waits per object and the others stay free.
+    Every trigger (object, child and pod events, the timers) goes through the
+    work queue's coalescing, so an object waits there at most once.
     """
+    if enqueue(memo, kwargs, namespace, owner):
+        return
     if not claim_slot(namespace, owner):
         return
     try:

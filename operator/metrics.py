@@ -26,6 +26,15 @@ MANAGED_OBJECTS = Gauge(
     "autoglm_operator_managed_objects",
     "AutoGLMDeployments this operator instance currently manages.",
 )
+QUEUE_WAIT = Histogram(
+    "autoglm_operator_queue_wait_seconds",
+    "Time an AutoGLMDeployment waited in the reconcile work queue before a worker took it.",
+    buckets=(0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)
+QUEUE_DEPTH = Gauge(
+    "autoglm_operator_queue_depth",
+    "AutoGLMDeployments waiting in the reconcile work queue.",
+)
 API_WRITES = Counter(
     "autoglm_operator_api_writes_total",
     "Write requests (POST, PUT, PATCH, DELETE) the operator sent to the API server.",

@@ -36,11 +36,17 @@ class Settings:
     # Seconds a peer counts as alive after its last heartbeat: how long a
     # standby waits before it takes over from a leader that died without leaving.
     peering_lifetime: int = 60
-    # Worker threads that run reconciles (kopf's ``execution.max_workers``).
+    # Worker threads that run reconciles (the work queue's, workqueue.py): at most
+    # this many objects reconcile at once, so at most this many of the operator's
+    # requests are in flight (operator/README.md, "Concurrency and load").
     workers: int = 16
     # Client-side rate limit of the operator's own requests: sustained and burst.
     api_qps: float = 100.0
     api_burst: int = 200
+    # glibc malloc arenas (mallopt M_ARENA_MAX); 0 leaves glibc's default (8 per
+    # core). Each worker thread would otherwise get an arena of its own, and
+    # memory freed in one is not reused by the others (peak RSS at scale).
+    malloc_arenas: int = 2
     # Prometheus HTTP API base URL for canary analysis ("" : no analysis source).
     prometheus_url: str = ""
     # Timer period while a rollout is in flight (pause steps, analysis intervals,
@@ -82,6 +88,8 @@ class Settings:
             raise SettingsError(
                 f"{PREFIX}ROLLOUT_TICK_SECONDS must be > 0, got {self.rollout_tick_seconds}"
             )
+        if self.malloc_arenas < 0:
+            raise SettingsError(f"{PREFIX}MALLOC_ARENAS must be >= 0, got {self.malloc_arenas}")
         if self.api_burst < 1:
             raise SettingsError(f"{PREFIX}API_BURST must be >= 1, got {self.api_burst}")
 
@@ -96,6 +104,7 @@ _TYPES: dict[str, type] = {
     "workers": int,
     "api_qps": float,
     "api_burst": int,
+    "malloc_arenas": int,
     "prometheus_url": str,
     "rollout_tick_seconds": float,
 }
