@@ -158,8 +158,7 @@ def warnings_for(kube: Kube, names: list[str]) -> list[str]:
 
 def ready_times(kube: Kube, name: str) -> tuple[datetime, datetime]:
     """When the object's Deployment turned Available (the controller-manager's
-    verdict) and when the object itself turned Ready (the operator's; no earlier
-    than the apiserver's return if the Deployment got there before the outage)."""
+    verdict) and when the object itself turned Ready (the operator's)."""
 
     def turned(conditions: list[dict[str, Any]], ctype: str) -> datetime:
         stamp = next(c for c in conditions if c["type"] == ctype)["lastTransitionTime"]
@@ -228,6 +227,7 @@ def test_apiserver_outage_of_a_minute_no_crash_and_everything_reconciles_after(
             deployments_available_after_outage_s=round(
                 max((d - back_at).total_seconds() for d, _ in times), 1
             ),
+            # From the apiserver's return when a Deployment was Available before the outage.
             status_ready_after_deployment_s=max(
                 (r - max(d, back_at)).total_seconds() for d, r in times
             ),
