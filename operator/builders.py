@@ -42,7 +42,7 @@ from .spec import (
     compute_model_version,
     parse_source,
 )
-from .traffic import TRAFFIC_KINDS, build_traffic
+from .traffic import TRAFFIC_KINDS, build_traffic, compute_provider
 
 Manifest = dict[str, Any]
 
@@ -830,8 +830,11 @@ def build_single_plan(spec: AutoGLMDeploymentSpec) -> list[VersionPlan]:
     ]
 
 
-def build_version_children(owner: Owner, version: VersionPlan) -> list[Manifest]:
-    """One revision's ConfigMap, Deployment, Service and HPA."""
+def build_version_children(
+    owner: Owner, version: VersionPlan, *, revision_service: bool = True
+) -> list[Manifest]:
+    """One revision's ConfigMap, Deployment, HPA and, with ``revision_service``, its
+    Service (only the Gateway API routes' backendRefs point at one)."""
     spec, rev = version.spec, version.revision
     hpa = (
         build_hpa(spec, owner, rev, version.hpa, stable=version.hpa_is_stable)
@@ -841,7 +844,7 @@ def build_version_children(owner: Owner, version: VersionPlan) -> list[Manifest]
     children = [
         build_digests_configmap(spec, owner, rev),
         build_deployment(spec, owner, rev, version.replicas),
-        build_revision_service(spec, owner, rev),
+        build_revision_service(spec, owner, rev) if revision_service else None,
         hpa,
     ]
     return [c for c in children if c is not None]
@@ -859,8 +862,13 @@ def build_children(
     versions = versions if versions is not None else build_single_plan(spec)
     stable = versions[0].spec
     children: list[Manifest] = list(build_traffic(spec, owner, versions))
+    # A revision's own Service is a backendRef of the Gateway API routes and nothing
+    # else (Istio's subsets and the replicas provider use the shared Services). Each
+    # ClusterIP costs the apiserver an allocation, the slowest step of a burst of new
+    # objects (bench/README.md, operator scale), so the other providers get none.
+    revision_service = compute_provider(spec) == "gatewayAPI"
     for version in versions:
-        children += build_version_children(owner, version)
+        children += build_version_children(owner, version, revision_service=revision_service)
     tail = [
         build_service(stable, owner),
         build_headless_service(stable, owner),

@@ -37,10 +37,11 @@ def expected_children(name: str, example: dict[str, Any]) -> set[tuple[str, str]
     per_revision = deployment_of(name, spec)
     kids = {
         ("Deployment", per_revision),
-        ("Service", per_revision),
         ("Service", name),
         ("Service", f"{name}-headless"),
     }
+    if (spec.get("traffic") or {}).get("provider") == "gatewayAPI":
+        kids.add(("Service", per_revision))  # the routes' backendRef
     auto = spec.get("autoscaling")
     if auto and auto.get("targets"):
         kids.add(("HorizontalPodAutoscaler", name))
@@ -189,7 +190,7 @@ def test_delete_garbage_collects_every_child(op: OperatorProcess, kube: Kube) ->
         },
     )
     assert kube.apply(manifest).returncode == 0
-    wait_for(lambda: len(kube.children("doomed")) == 8, timeout=60, message="eight children")
+    wait_for(lambda: len(kube.children("doomed")) == 7, timeout=60, message="seven children")
     deleted = kube.run("delete", "agd", "doomed", "--wait=true", "--timeout=60s", check=False)
     assert deleted.returncode == 0, deleted.stderr
     wait_for(

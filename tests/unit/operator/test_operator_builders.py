@@ -300,6 +300,8 @@ def test_plan_deletions_lists_owned_children_not_wanted() -> None:
         ("apps/v1", "Deployment", "glm"),
         ("apps/v1", "Deployment", "glm-0ld0ld00"),
         ("v1", "Service", "glm-0ld0ld00"),
+        # No Gateway API routes: a revision Service is nobody's backend, and goes.
+        ("v1", "Service", f"glm-{rev}"),
         ("autoscaling/v2", "HorizontalPodAutoscaler", "glm"),
         ("policy/v1", "PodDisruptionBudget", "glm"),
         ("gateway.networking.k8s.io/v1", "HTTPRoute", "glm"),
@@ -318,7 +320,12 @@ def test_plan_deletions_lists_owned_children_not_wanted() -> None:
 def test_services_grpc_headless_and_scrape_annotations() -> None:
     children = build("minimal")
     services = [c for c in children if c["kind"] == "Service"]
-    rev = compute_revision(parse_spec(VARIANTS["minimal"]))
+    # No Gateway API routes, so no revision Service (a ClusterIP nobody routes to).
+    assert [s["metadata"]["name"] for s in services] == ["glm", "glm-headless"]
+    gateway = {"provider": "gatewayAPI", "gateway": {"name": "gw"}}
+    with_routes = parse_spec({**VARIANTS["minimal"], "traffic": gateway})
+    rev = compute_revision(with_routes)
+    services = [c for c in build_children(with_routes, OWNER) if c["kind"] == "Service"]
     assert [s["metadata"]["name"] for s in services] == [f"glm-{rev}", "glm", "glm-headless"]
     per_revision, main, headless = services
     assert per_revision["spec"]["selector"]["serving.autoglm.io/revision"] == rev

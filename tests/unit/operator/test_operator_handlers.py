@@ -349,7 +349,6 @@ def test_reconcile_reads_nothing_and_an_unchanged_world_writes_nothing() -> None
     first = reconcile(api, ClusterView(api.snapshot(), writes), "ns", "glm", T0)
     assert first.applied == [
         f"Deployment/{DEP}",
-        f"Service/{DEP}",
         "Service/glm",
         "Service/glm-headless",
         "NetworkPolicy/glm",
