@@ -123,7 +123,7 @@ def test_operator_killed_mid_burst_converges_without_duplicates_or_orphans(
         per_owner[f"{ref['name']} {child['kind']}"] += 1
     for name in owners:
         assert per_owner[f"{name} Deployment"] == 1
-        assert per_owner[f"{name} Service"] == 3  # <name>, <name>-headless, <name>-<revision>
+        assert per_owner[f"{name} Service"] == 2  # <name>, <name>-headless (no Gateway routes)
     pods = kube.get("pods")["items"]
     live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
     assert len(live) == BURST, f"{len(live)} pods for {BURST} single-replica objects"
