@@ -28,7 +28,6 @@ from operator_helpers import EXAMPLES, ROOT, Kube, OperatorProcess, wait_for
 
 from autoglm_dev.addons import install_gateway_api
 from autoglm_dev.binaries import ensure_binaries
-from autoglm_dev.cluster import ClusterError
 
 pytestmark = pytest.mark.k8s
 
@@ -43,14 +42,7 @@ EXAMPLE_STEMS = sorted(p.stem for p in EXAMPLES.glob("*.yaml"))
 @pytest.fixture(scope="module")
 def gateway_crds(cluster: Any) -> None:
     """The canary example routes through the Gateway API: its CRDs let the rollout start."""
-    try:
-        install_gateway_api(cluster)
-    except ClusterError as exc:
-        # kubectl wait fails at once on a CRD with no condition yet: the apply is
-        # idempotent, and by now the conditions are written.
-        if "accessor error" not in str(exc):
-            raise
-        install_gateway_api(cluster)
+    install_gateway_api(cluster)  # polls the CRDs to Established
 
 
 @pytest.fixture

@@ -47,7 +47,6 @@ from operator_helpers import ROOT, Kube, OperatorProcess, free_port, load_exampl
 
 from autoglm_dev.addons import install_gateway_api, install_istio_crds
 from autoglm_dev.binaries import ensure_binaries
-from autoglm_dev.cluster import ClusterError
 from autoglm_dev.waiting import wait_until
 
 pytestmark = pytest.mark.k8s
@@ -402,15 +401,8 @@ def no_admin_operator(operator: OperatorProcess) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def extra_crds(cluster: Any) -> None:
     """The route and Istio kinds exist, so that their grants are exercised too."""
-    for install in (install_gateway_api, install_istio_crds):
-        try:
-            install(cluster)
-        except ClusterError as exc:
-            # kubectl wait fails at once on a CRD with no condition yet: the apply is
-            # idempotent, and by now the conditions are written.
-            if "accessor error" not in str(exc):
-                raise
-            install(cluster)
+    install_gateway_api(cluster)  # both poll their CRDs to Established
+    install_istio_crds(cluster)
 
 
 def run_once(
