@@ -29,10 +29,8 @@ import datetime
 import logging
 import os
 import random
-import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -93,22 +91,7 @@ def read_clock() -> str:
     return compute_timestamp(datetime.datetime.now(datetime.UTC))
 
 
-@dataclass(slots=True)
-class _Slot:
-    """Per-object bookkeeping: one reconcile at a time, child events coalesced."""
-
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    queued: bool = False  # a child-triggered reconcile waits for the lock
-
-
-_slots: dict[tuple[str, str], _Slot] = {}
-_slots_guard = threading.Lock()
 _managed: set[str] = set()
-
-
-def _slot_for(namespace: str, name: str) -> _Slot:
-    with _slots_guard:
-        return _slots.setdefault((namespace, name), _Slot())
 
 
 def build_view(memo: Any, kwargs: Mapping[str, Any]) -> ClusterView:
@@ -138,18 +121,12 @@ def run_reconcile(
     namespace: str,
     name: str,
     logger: Any,
-    *,
-    coalesced: bool = False,
 ) -> Outcome:
-    """reconcile() with metrics, one at a time per object, and errors mapped for kopf."""
-    slot = _slot_for(namespace, name)
+    """reconcile() with metrics and errors mapped for kopf. One at a time per object:
+    the work queue never hands a key to two workers."""
     started = time.monotonic()
     try:
-        with slot.lock:
-            if coalesced:
-                with _slots_guard:
-                    slot.queued = False  # events from now on need another reconcile
-            outcome = reconcile(api, view, namespace, name, read_clock(), analyzer=analyze)
+        outcome = reconcile(api, view, namespace, name, read_clock(), analyzer=analyze)
     except KubeError as exc:
         metrics.RECONCILE_ERRORS.labels(reason="ApiError").inc()
         raise kopf.TemporaryError(
@@ -367,8 +344,6 @@ def on_object_event(
 ) -> None:
     if type == "DELETED":
         _managed.discard(uid)
-        with _slots_guard:
-            _slots.pop((namespace or "", name), None)
         memo.writes.discard(OWNER_KIND, namespace or "", name)
         metrics.MANAGED_OBJECTS.set(len(_managed))
         return
@@ -389,10 +364,7 @@ def on_object_event(
 )
 def on_timer(namespace: str | None, name: str, memo: Any, logger: Any, **kwargs: Any) -> None:
     assert namespace is not None
-    if enqueue(memo, kwargs, namespace, name):
-        return
-    if claim_slot(namespace, name):
-        run_reconcile(memo.api, build_view(memo, kwargs), namespace, name, logger, coalesced=True)
+    reconcile_soon(memo, kwargs, namespace, name, logger)
 
 
 def rollout_in_flight(status: Any, annotations: Any, **_: Any) -> bool:
@@ -431,16 +403,6 @@ def _controller_owner(body: Any) -> str | None:
     return None
 
 
-def claim_slot(namespace: str, name: str) -> bool:
-    """Mark a reconcile of the object as waiting; False when one waits already."""
-    slot = _slot_for(namespace, name)
-    with _slots_guard:
-        if slot.queued:
-            return False
-        slot.queued = True
-        return True
-
-
 def enqueue(memo: Any, kwargs: Mapping[str, Any], namespace: str, name: str) -> bool:
     """Add the object to the work queue; False when there is none (handlers called
     directly, as unit tests do: they then reconcile in the calling thread)."""
@@ -459,14 +421,13 @@ def reconcile_soon(
     """Reconcile ``owner`` soon, unless a reconcile of it already waits (it will see this event).
 
     Every trigger (object, child and pod events, the timers) goes through the
-    work queue's coalescing, so an object waits there at most once.
+    work queue's coalescing, so an object waits there at most once. Without a
+    queue (handlers called directly, as unit tests do) it reconciles now.
     """
     if enqueue(memo, kwargs, namespace, owner):
         return
-    if not claim_slot(namespace, owner):
-        return
     try:
-        run_reconcile(memo.api, build_view(memo, kwargs), namespace, owner, logger, coalesced=True)
+        run_reconcile(memo.api, build_view(memo, kwargs), namespace, owner, logger)
     except kopf.TemporaryError as exc:
         logger.warning("reconcile failed; the timer retries: %s", exc)
 
